@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Every error a user can cause (a bad path, a wrong width, a missing site, a NaN loss) is raised as
+`SparsefeatError` with a one-line message that names the file and what is wrong; the CLI prints
+that line and exits with status 2, never a traceback.
+"""
+
+
+class SparsefeatError(Exception):
+    """A user-facing error: its message is one line, complete in itself."""

@@ -1,0 +1,688 @@
+"""The activation store: one self-describing, versioned HDF5 file of activations from one source.
+
+Layout (documented in full in docs/format.md):
+
+    /                      attrs: format, format_version, package_version, created, kind,
+                                  provenance (JSON), units, split_unit, test_fraction, split_seed,
+                                  complete
+    activations/<site>     [rows, d] float16|float32, chunked by rows (~1 MiB chunks)
+    rows/test              [rows] uint8, 1 = the row belongs to the test split
+    rows/committed         [1] int64, rows that are durably written (the crash-safe counter)
+    tokens/doc|pos|ids     [rows] int64, model data only: where each row came from
+    documents/test         [docs] uint8, model data only: the per-document split
+    ground_truth/<name>    toy data only: what the generator knows (e.g. features [n, d])
+
+Writing is crash-safe: rows are appended in blocks; `rows/committed` is raised only after the
+block is flushed, so a writer killed at any moment leaves a file whose committed prefix is intact.
+A store is written as `<path>.partial` (HDF5 SWMR, so readers can watch it grow) and renamed to
+`<path>` once complete, so a finished store is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import SparsefeatError
+
+FORMAT = "sparsefeat.activations"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: large enough to stream fast, small enough to shuffle well
+BLOCK_ROWS_TOKENS = 1 << 16
+
+
+class StoreError(SparsefeatError):
+    """A store is missing, malformed, of another format or version, or was given bad data."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".partial")
+
+
+def chunk_rows_for(d: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // (d * itemsize))
+
+
+def _open_h5(path: Path, mode: str = "r", **kw) -> h5py.File:
+    """Open an HDF5 file, turning HDF5's tracebacks into one line that names the file."""
+    try:
+        return h5py.File(path, mode, **kw)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file") from None
+    except OSError as e:
+        msg = str(e)
+        if "already open for write" in msg or "file locking" in msg.lower():
+            raise StoreError(
+                f"{path}: the file is held by a writer or its writer was killed; "
+                "resume the writer (--resume) or open it read-only while it runs") from None
+        if "signature" in msg or "truncated" in msg.lower() or "eof" in msg.lower():
+            raise StoreError(f"{path}: not an HDF5 file, or truncated/corrupt ({msg.splitlines()[0]})") from None
+        raise StoreError(f"{path}: cannot open ({msg.splitlines()[0]})") from None
+
+
+def _check_format(f: h5py.File, path: Path, expected: str = FORMAT, version: int = FORMAT_VERSION) -> None:
+    fmt = f.attrs.get("format")
+    if fmt is None:
+        raise StoreError(f"{path}: not a sparsefeat file (no 'format' attribute)")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    if fmt != expected:
+        raise StoreError(f"{path}: is a '{fmt}' file, expected '{expected}'")
+    v = int(f.attrs.get("format_version", -1))
+    if v < 1 or v > version:
+        raise StoreError(f"{path}: format version {v} is not supported by sparsefeat {__version__} "
+                         f"(supports 1..{version}); upgrade sparsefeat")
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """The `format` attribute of a sparsefeat file (activations or results), for dispatch."""
+    path = Path(path)
+    with _open_h5(path, "r", swmr=True) as f:
+        fmt = f.attrs.get("format")
+    if fmt is None:
+        raise StoreError(f"{path}: not a sparsefeat file (no 'format' attribute)")
+    return fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray,)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Append activations block by block; crash-safe and resumable.
+
+    >>> with StoreWriter("data/x.h5", sites={"x": 32}, provenance={...}) as w:
+    ...     w.append({"x": block}, test=is_test_mask)
+
+    `resume=True` continues `<path>.partial` after its committed rows (the provenance must match);
+    `committed_rows` / `committed_docs` tell the producer where to continue.
+    `force=True` allows replacing an existing complete store (only once the new one is complete).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, sites: Mapping[str, int], provenance: Mapping,
+                 kind: str = "toy", dtype: str = "float32", units: str = "arbitrary",
+                 split_unit: str = "row", test_fraction: float = 0.1, split_seed: int = 0,
+                 compression: str | None = None, tokens: bool = False,
+                 resume: bool = False, force: bool = False, allow_nonfinite: bool = False):
+        self.path = Path(path)
+        self.tmp = partial_path(self.path)
+        if not sites:
+            raise StoreError(f"{self.path}: a store needs at least one site")
+        if dtype not in ("float16", "float32"):
+            raise StoreError(f"{self.path}: dtype must be float16 or float32, not {dtype!r}")
+        if compression not in (None, "none", "lzf", "gzip"):
+            raise StoreError(f"{self.path}: compression must be none, lzf or gzip, not {compression!r}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise StoreError(f"{self.path}: test fraction must be in [0, 1), got {test_fraction}")
+        self.sites = {str(k): int(v) for k, v in sites.items()}
+        self.dtype = np.dtype(dtype)
+        self.allow_nonfinite = allow_nonfinite
+        self.with_tokens = tokens
+        header = dict(kind=kind, provenance=to_json(provenance), units=units, split_unit=split_unit,
+                      test_fraction=float(test_fraction), split_seed=int(split_seed))
+        if self.path.exists() and not force and not resume:
+            raise StoreError(f"{self.path}: already exists; pass --force to overwrite it")
+        if self.path.exists() and resume and not self.tmp.exists():
+            raise StoreError(f"{self.path}: is already complete; nothing to resume (use --force to rewrite)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and self.tmp.exists():
+            self._reopen(header)
+        else:
+            self._create(header, compression)
+        self.f.swmr_mode = True
+        self._closed = False
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _create(self, header: dict, compression: str | None) -> None:
+        if self.tmp.exists():
+            self.tmp.unlink()  # an abandoned partial without --resume: start again
+        f = self.f = h5py.File(self.tmp, "w", libver="latest")
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, package_version=__version__,
+                       created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False,
+                       **header)
+        comp = None if compression in (None, "none") else compression
+        g = f.create_group("activations")
+        for site, d in self.sites.items():
+            ds = g.create_dataset(site, shape=(0, d), maxshape=(None, d), dtype=self.dtype,
+                                  chunks=(chunk_rows_for(d, self.dtype.itemsize), d), compression=comp)
+            ds.attrs.update(units=header["units"], description=f"activations at site {site!r}, one row per sample")
+        r = f.create_group("rows")
+        r.create_dataset("test", shape=(0,), maxshape=(None,), dtype="u1", chunks=(BLOCK_ROWS_TOKENS,))
+        r["test"].attrs["description"] = "1 if the row belongs to the test split, else 0"
+        r.create_dataset("committed", data=np.zeros(1, dtype="i8"))
+        r["committed"].attrs["description"] = "rows durably written; rows past this are not part of the store"
+        if self.with_tokens:
+            t = f.create_group("tokens")
+            for name, desc in (("doc", "document index of the row"),
+                               ("pos", "position id the model saw for this token"),
+                               ("ids", "token id")):
+                t.create_dataset(name, shape=(0,), maxshape=(None,), dtype="i8", chunks=(BLOCK_ROWS_TOKENS,))
+                t[name].attrs["description"] = desc
+            dg = f.create_group("documents")
+            dg.create_dataset("test", shape=(0,), maxshape=(None,), dtype="u1", chunks=(4096,))
+            dg["test"].attrs["description"] = "1 if the document (all its rows) is in the test split"
+            dg.create_dataset("committed", data=np.zeros(1, dtype="i8"))
+        self.ground_truth_group = f.create_group("ground_truth")
+        self.committed_rows = 0
+        self.committed_docs = 0
+
+    def _reopen(self, header: dict) -> None:
+        try:
+            f = h5py.File(self.tmp, "a", libver="latest")
+        except OSError:
+            # A killed SWMR writer leaves the consistency flags set and plain opens fail; rebuild the
+            # file from its committed prefix (readable with swmr=True) and continue from that.
+            _rebuild_committed_prefix(self.tmp)
+            f = h5py.File(self.tmp, "a", libver="latest")
+        self.f = f
+        try:
+            _check_format(f, self.tmp)
+            for key in ("kind", "provenance", "split_unit", "test_fraction", "split_seed"):
+                old = f.attrs.get(key)
+                old = old.decode() if isinstance(old, bytes) else old
+                if old != header[key]:
+                    raise StoreError(f"{self.path}: cannot resume: its {key} differs from this run's "
+                                     f"({old!r} vs {header[key]!r}); use --force to start again")
+            have = {k: v.shape[1] for k, v in f["activations"].items()}
+            if have != self.sites:
+                raise StoreError(f"{self.path}: cannot resume: its sites {have} differ from {self.sites}")
+        except Exception:
+            f.close()
+            raise
+        n = int(f["rows/committed"][0])
+        for ds in self._row_datasets():
+            ds.resize(n, axis=0)
+        self.committed_rows = n
+        if "documents" in f:
+            nd = int(f["documents/committed"][0])
+            f["documents/test"].resize((nd,))
+            self.committed_docs = nd
+        else:
+            self.committed_docs = 0
+        self.ground_truth_group = f["ground_truth"]
+        f.flush()
+
+    def _row_datasets(self):
+        yield from self.f["activations"].values()
+        yield self.f["rows/test"]
+        if "tokens" in self.f:
+            yield from self.f["tokens"].values()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def append(self, block: Mapping[str, np.ndarray | torch.Tensor], test: np.ndarray,
+               tokens: Mapping[str, np.ndarray] | None = None,
+               documents_test: np.ndarray | None = None) -> int:
+        """Append one block of rows (the same rows for every site) and commit it durably.
+
+        `test`: per-row 0/1 split; `tokens`: {doc, pos, ids} per row (model data);
+        `documents_test`: the split of the documents that this block completes.
+        Returns the number of committed rows.
+        """
+        arrays = {}
+        n = None
+        for site, a in block.items():
+            if site not in self.sites:
+                raise StoreError(f"{self.path}: unknown site {site!r} (store has {sorted(self.sites)})")
+            if isinstance(a, torch.Tensor):
+                a = a.detach().float().cpu().numpy()
+            a = np.asarray(a)
+            if a.ndim != 2 or a.shape[1] != self.sites[site]:
+                raise StoreError(f"{self.path}: site {site!r} has width {self.sites[site]}, "
+                                 f"got a block of shape {tuple(a.shape)}")
+            if n is not None and a.shape[0] != n:
+                raise StoreError(f"{self.path}: sites in one block have different row counts")
+            n = a.shape[0]
+            if not self.allow_nonfinite:
+                bad = int((~np.isfinite(a)).any(axis=1).sum())
+                if bad:
+                    raise StoreError(f"{self.path}: {bad} of {n} rows of site {site!r} contain NaN or Inf; "
+                                     "refusing to store them (allow_nonfinite=True keeps them)")
+            arrays[site] = a.astype(self.dtype, copy=False)
+        if set(arrays) != set(self.sites):
+            raise StoreError(f"{self.path}: a block must hold every site {sorted(self.sites)}")
+        test = np.asarray(test, dtype="u1").reshape(-1)
+        if test.shape[0] != n:
+            raise StoreError(f"{self.path}: split mask has {test.shape[0]} rows, block has {n}")
+        if self.with_tokens and tokens is None:
+            raise StoreError(f"{self.path}: this store records tokens; append() needs tokens=")
+        start, stop = self.committed_rows, self.committed_rows + n
+        f = self.f
+        for site, a in arrays.items():
+            ds = f["activations"][site]
+            ds.resize(stop, axis=0)
+            ds[start:stop] = a
+        f["rows/test"].resize((stop,))
+        f["rows/test"][start:stop] = test
+        if self.with_tokens:
+            for name in ("doc", "pos", "ids"):
+                ds = f["tokens"][name]
+                ds.resize((stop,))
+                ds[start:stop] = np.asarray(tokens[name], dtype="i8")
+        if documents_test is not None:
+            dt = np.asarray(documents_test, dtype="u1").reshape(-1)
+            ds = f["documents/test"]
+            d0 = self.committed_docs
+            ds.resize((d0 + len(dt),))
+            ds[d0:] = dt
+        f.flush()  # the data first ...
+        f["rows/committed"][0] = stop  # ... then the counter that makes it part of the store
+        if documents_test is not None:
+            self.committed_docs += len(dt)
+            f["documents/committed"][0] = self.committed_docs
+        f.flush()
+        self.committed_rows = stop
+        return stop
+
+    def close(self, complete: bool = True, ground_truth: Mapping[str, np.ndarray] | None = None,
+              attrs: Mapping | None = None) -> Path:
+        """Finish the store: write ground truth and extra attributes, mark it complete and rename
+        `<path>.partial` to `<path>`. With complete=False the partial file stays for --resume."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        self.f.close()
+        if not complete:
+            return self.tmp
+        with h5py.File(self.tmp, "a", libver="latest") as f:
+            if self.committed_rows == 0:
+                raise StoreError(f"{self.path}: no rows were written")
+            for name, arr in (ground_truth or {}).items():
+                if name in f["ground_truth"]:
+                    del f["ground_truth"][name]
+                f["ground_truth"].create_dataset(name, data=np.asarray(arr))
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v if isinstance(v, (int, float, str, bool, np.ndarray)) else to_json(v)
+            f.attrs["rows"] = self.committed_rows
+            f.attrs["complete"] = True
+            f.attrs["completed"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(complete=exc_type is None)
+        return False
+
+
+def _rebuild_committed_prefix(tmp: Path) -> None:
+    """Copy the committed prefix of a crashed SWMR file into a fresh file and swap it in."""
+    fresh = Path(str(tmp) + ".rebuild")
+    with h5py.File(tmp, "r", swmr=True) as src, h5py.File(fresh, "w", libver="latest") as dst:
+        n = int(src["rows/committed"][0])
+        nd = int(src["documents/committed"][0]) if "documents" in src else 0
+        dst.attrs.update(dict(src.attrs))
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Group):
+                dst.require_group(name).attrs.update(dict(obj.attrs))
+                return
+            if obj.maxshape and obj.maxshape[0] is None:  # a row-appended dataset: keep the prefix
+                keep = nd if name.startswith("documents/") else n
+                data = obj[:keep]
+                ds = dst.create_dataset(name, data=data, maxshape=obj.maxshape, chunks=obj.chunks,
+                                        compression=obj.compression)
+            else:
+                ds = dst.create_dataset(name, data=obj[()])
+            ds.attrs.update(dict(obj.attrs))
+
+        src.visititems(copy)
+    os.replace(fresh, tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitInfo:
+    rows: int
+    fraction: float
+
+
+class ActivationStore:
+    """Read a store: sites, widths, splits, provenance, shuffled batch streams, moments.
+
+    >>> with ActivationStore("data/sparse.h5") as s:
+    ...     for batch in s.batches("x", "train", batch_size=256, seed=0):
+    ...         ...
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists() and partial_path(self.path).exists():
+            raise StoreError(f"{self.path}: only {partial_path(self.path).name} exists: the store is still "
+                             "being written or its writer was killed (resume it with --resume)")
+        self.f = _open_h5(self.path, "r", swmr=True)
+        try:
+            _check_format(self.f, self.path)
+            if "activations" not in self.f or "rows" not in self.f:
+                raise StoreError(f"{self.path}: malformed store (no activations or rows group)")
+            self.committed = int(self.f["rows/committed"][0])
+            test = self.f["rows/test"][: self.committed].astype(bool)
+            if test.shape[0] != self.committed:
+                raise StoreError(f"{self.path}: truncated or corrupt (split mask shorter than committed rows)")
+            self._test_mask = test
+            for site, ds in self.f["activations"].items():
+                if ds.shape[0] < self.committed:
+                    raise StoreError(f"{self.path}: truncated or corrupt (site {site!r} has {ds.shape[0]} "
+                                     f"rows, {self.committed} committed)")
+        except StoreError:
+            self.f.close()
+            raise
+        except Exception as e:  # corrupt internals: HDF5 errors while reading metadata
+            self.f.close()
+            raise StoreError(f"{self.path}: truncated or corrupt ({str(e).splitlines()[0]})") from None
+
+    # -- description ----------------------------------------------------------------------
+
+    def _attr(self, key, default=None):
+        v = self.f.attrs.get(key, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.f["activations"].keys())
+
+    def width(self, site: str | None = None) -> int:
+        return int(self._dataset(site).shape[1])
+
+    @property
+    def kind(self) -> str:
+        return self._attr("kind")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._attr("complete", False))
+
+    @property
+    def units(self) -> str:
+        return self._attr("units", "")
+
+    @property
+    def provenance(self) -> dict:
+        return json.loads(self._attr("provenance", "{}"))
+
+    @property
+    def attrs(self) -> dict:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items()}
+
+    @property
+    def test_fraction(self) -> float:
+        return float(self._attr("test_fraction", 0.0))
+
+    @property
+    def ground_truth(self) -> dict[str, np.ndarray]:
+        g = self.f.get("ground_truth")
+        return {k: g[k][()] for k in g} if g is not None else {}
+
+    def n_rows(self, split: str | None = None) -> int:
+        if split is None:
+            return self.committed
+        return int(self._split_index(split).shape[0])
+
+    def split_mask(self, split: str) -> np.ndarray:
+        if split == "train":
+            return ~self._test_mask
+        if split == "test":
+            return self._test_mask
+        if split == "all":
+            return np.ones_like(self._test_mask)
+        raise StoreError(f"{self.path}: unknown split {split!r} (train, test or all)")
+
+    def _split_index(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split_mask(split))
+
+    def _dataset(self, site: str | None) -> h5py.Dataset:
+        sites = self.sites
+        if site is None:
+            if len(sites) != 1:
+                raise StoreError(f"{self.path}: has sites {sites}; name one with --site")
+            site = sites[0]
+        if site not in self.f["activations"]:
+            raise StoreError(f"{self.path}: no site {site!r} (sites: {', '.join(sites)})")
+        return self.f["activations"][site]
+
+    def default_site(self) -> str:
+        return self._dataset(None).name.rsplit("/", 1)[-1]
+
+    def tokens(self) -> dict[str, np.ndarray] | None:
+        if "tokens" not in self.f:
+            return None
+        return {k: self.f["tokens"][k][: self.committed] for k in self.f["tokens"]}
+
+    def documents_test(self) -> np.ndarray | None:
+        if "documents" not in self.f:
+            return None
+        return self.f["documents/test"][: int(self.f["documents/committed"][0])].astype(bool)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _check_split(self, split: str) -> np.ndarray:
+        idx_mask = self.split_mask(split)
+        if not idx_mask.any():
+            raise StoreError(f"{self.path}: the {split} split is empty")
+        return idx_mask
+
+    def load(self, site: str | None = None, split: str = "all", dtype=torch.float32) -> torch.Tensor:
+        """The whole split of a site as one tensor (for small stores)."""
+        mask = self._check_split(split)
+        ds = self._dataset(site)
+        a = ds[: self.committed]
+        return torch.from_numpy(np.ascontiguousarray(a[mask])).to(dtype)
+
+    def _blocks(self, ds: h5py.Dataset) -> list[tuple[int, int]]:
+        rows = ds.chunks[0] if ds.chunks else chunk_rows_for(ds.shape[1], ds.dtype.itemsize)
+        return [(s, min(s + rows, self.committed)) for s in range(0, self.committed, rows)]
+
+    def batches(self, site: str | None = None, split: str = "train", batch_size: int = 4096, *,
+                seed: int = 0, epochs: int | None = 1, shuffle: bool = True, drop_last: bool = False,
+                buffer_rows: int = 1 << 16, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, pin_memory: bool = False,
+                prefetch: int = 0) -> Iterator[torch.Tensor]:
+        """Shuffled batches of one split, in constant memory.
+
+        Reads whole chunk-aligned blocks in a random order, keeps the rows of the split, and shuffles
+        within a buffer of about `buffer_rows` rows. Every row of the split appears exactly once per
+        epoch; epoch e uses seed (seed, e), so a stream is reproducible. `epochs=None` repeats forever.
+        `prefetch>0` reads ahead in a background thread (useful when a GPU consumes the batches).
+        """
+        if batch_size <= 0:
+            raise StoreError(f"{self.path}: batch size must be positive, got {batch_size}")
+        ds = self._dataset(site)
+        mask = self._check_split(split)
+        gen = self._batch_gen(ds, mask, batch_size, seed, epochs, shuffle, drop_last, buffer_rows)
+
+        def to_tensor(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            if pin_memory and torch.cuda.is_available():
+                t = t.pin_memory()
+            return t.to(device=device, dtype=dtype, non_blocking=pin_memory)
+
+        if prefetch <= 0:
+            return (to_tensor(a) for a in gen)
+        return _prefetched((to_tensor(a) for a in gen), prefetch)
+
+    def _batch_gen(self, ds, mask, batch_size, seed, epochs, shuffle, drop_last, buffer_rows):
+        blocks = [b for b in self._blocks(ds) if mask[b[0]:b[1]].any()]
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(len(blocks)) if shuffle else np.arange(len(blocks))
+            pending: list[np.ndarray] = []
+            held = 0
+            for i, bi in enumerate(order):
+                s, e = blocks[bi]
+                a = ds[s:e]
+                m = mask[s:e]
+                pending.append(a if m.all() else a[m])
+                held += pending[-1].shape[0]
+                last = i == len(order) - 1
+                if held < buffer_rows and not last:
+                    continue
+                buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                if shuffle:
+                    buf = buf[rng.permutation(buf.shape[0])]
+                full = (buf.shape[0] // batch_size) * batch_size
+                for j in range(0, full, batch_size):
+                    yield buf[j:j + batch_size]
+                rest = buf[full:]
+                pending, held = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
+            if held and not drop_last:
+                yield pending[0]
+            epoch += 1
+
+    def moments(self, site: str | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Mean [d] and covariance [d, d] (float64, unbiased) of a split, streamed block by block."""
+        ds = self._dataset(site)
+        mask = self._check_split(split)
+        d = ds.shape[1]
+        n = 0
+        total = np.zeros(d)
+        shift = None  # shifted sums keep the covariance accurate when |mean| >> std
+        outer = np.zeros((d, d))
+        for s, e in self._blocks(ds):
+            a = ds[s:e][mask[s:e]].astype(np.float64)
+            if not a.shape[0]:
+                continue
+            if shift is None:
+                shift = a[0].copy()
+            a -= shift
+            total += a.sum(0)
+            outer += a.T @ a
+            n += a.shape[0]
+        mean_shifted = total / n
+        cov = (outer - n * np.outer(mean_shifted, mean_shifted)) / max(n - 1, 1)
+        return mean_shifted + shift, cov
+
+    def mean_squared_norm(self, site: str | None = None, split: str = "train") -> float:
+        """E‖x‖² over a split: the scale that toy data are matched to."""
+        mean, cov = self.moments(site, split)
+        return float(np.trace(cov) + mean @ mean)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, kind={self.kind!r}, sites={self.sites}, "
+                f"rows={self.committed}, test={self.n_rows('test')})")
+
+
+def _prefetched(it: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a background thread, `depth` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # hand the error to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def split_rows(n: int, test_fraction: float, seed: int, offset: int = 0) -> np.ndarray:
+    """Per-row split for i.i.d. data: row i is test with probability `test_fraction`, decided by
+    a hash of (seed, i) so a resumed writer draws exactly the same split."""
+    idx = np.arange(offset, offset + n, dtype=np.uint64)
+    return (_unit_hash(idx, seed) < test_fraction).astype("u1")
+
+
+def split_documents(doc_ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Per-document split: the same rule on document indices (all tokens of a document together)."""
+    return (_unit_hash(np.asarray(doc_ids, dtype=np.uint64), seed) < test_fraction).astype("u1")
+
+
+def _unit_hash(idx: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic uniform [0, 1) value per index (splitmix64 of index and seed)."""
+    with np.errstate(over="ignore"):
+        z = idx + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def describe(path: str | os.PathLike, max_rows_for_stats: int = 100_000) -> dict:
+    """Everything `sparsefeat inspect` shows about a store, as a JSON-ready dict."""
+    with ActivationStore(path) as s:
+        out = dict(path=str(s.path), format=FORMAT, format_version=int(s._attr("format_version")),
+                   package_version=s._attr("package_version"), created=s._attr("created"),
+                   kind=s.kind, complete=s.complete, units=s.units, split_unit=s._attr("split_unit"),
+                   test_fraction=s.test_fraction, split_seed=int(s._attr("split_seed", 0)),
+                   rows=s.committed, train_rows=s.n_rows("train"), test_rows=s.n_rows("test"),
+                   provenance=s.provenance, sites={}, ground_truth={})
+        for site in s.sites:
+            ds = s.f["activations"][site]
+            n = min(s.committed, max_rows_for_stats)
+            a = ds[:n].astype(np.float64)
+            norms = np.linalg.norm(a, axis=1) if n else np.zeros(1)
+            out["sites"][site] = dict(
+                shape=[s.committed, int(ds.shape[1])], dtype=str(ds.dtype), chunks=list(ds.chunks or []),
+                compression=ds.compression, stats_rows=n,
+                mean=float(a.mean()) if n else math.nan, std=float(a.std()) if n else math.nan,
+                mean_norm=float(norms.mean()), mean_squared_norm=float((norms ** 2).mean()),
+            )
+        for k, v in s.f["ground_truth"].items():
+            out["ground_truth"][k] = dict(shape=list(v.shape), dtype=str(v.dtype))
+        if "documents" in s.f:
+            dt = s.documents_test()
+            out["documents"] = int(dt.shape[0])
+            out["test_documents"] = int(dt.sum())
+    return out
