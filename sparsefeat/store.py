@@ -33,6 +33,7 @@ from typing import Iterator, Mapping
 import h5py
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import SparsefeatError
@@ -88,6 +89,9 @@ def _check_format(f: h5py.File, path: Path, expected: str = FORMAT, version: int
 def file_format(path: str | os.PathLike) -> str:
     """The `format` attribute of a sparsefeat file (activations or results), for dispatch."""
     path = Path(path)
+    if not path.exists() and partial_path(path).exists():
+        raise StoreError(f"{path}: only {partial_path(path).name} exists: it is still being written or its "
+                         "writer was killed (resume it with --resume, or inspect the .partial file)")
     with _open_h5(path, "r", swmr=True) as f:
         fmt = f.attrs.get("format")
     if fmt is None:
@@ -686,3 +690,152 @@ def describe(path: str | os.PathLike, max_rows_for_stats: int = 100_000) -> dict
             out["documents"] = int(dt.shape[0])
             out["test_documents"] = int(dt.sum())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Import: bring your own activations
+# --------------------------------------------------------------------------------------------
+
+IMPORT_BLOCK_BYTES = 32 << 20  # rows are copied in blocks of about this size (constant memory)
+ARRAY_SUFFIXES = (".npy", ".pt", ".safetensors")
+
+
+class _ArraySource:
+    """A [rows, d] array in a .npy, .pt or .safetensors file, read by row ranges without loading
+    it whole where the format allows (.npy: mmap; .pt: torch's mmap; .safetensors: slices)."""
+
+    def __init__(self, path: Path, key: str | None):
+        self.path, self.key = path, key
+        self.format = path.suffix.lower().lstrip(".")
+        self._handle = None
+        if path.suffix.lower() not in ARRAY_SUFFIXES:
+            raise StoreError(f"{path}: unsupported array file (expected {', '.join(ARRAY_SUFFIXES)})")
+        if not path.is_file():
+            raise StoreError(f"{path}: no such file")
+        if key is not None and self.format != "safetensors":
+            raise StoreError(f"{path}: --key only applies to .safetensors files")
+        getattr(self, f"_open_{self.format}")()
+        if len(self.shape) != 2 or self.shape[0] < 1 or self.shape[1] < 1:
+            raise StoreError(f"{path}: expected an array of shape [rows, d], got shape {tuple(self.shape)}")
+
+    def _open_npy(self):
+        try:
+            self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # pickled objects, bad header, truncated file
+            raise StoreError(f"{self.path}: not a plain .npy array ({_first_line(e)})") from None
+        if not isinstance(self._array, np.ndarray):
+            raise StoreError(f"{self.path}: holds an archive, not a single array")
+        self.shape, self.dtype = tuple(self._array.shape), str(self._array.dtype)
+        if self._array.dtype.kind not in "fiub":
+            raise StoreError(f"{self.path}: has dtype {self.dtype}; expected a numeric array")
+
+    def _open_pt(self):
+        t = None
+        for mmap in (True, False):  # mmap needs torch's zip format; old files load whole
+            try:
+                t = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+                break
+            except Exception as e:
+                err = e
+        if t is None:
+            raise StoreError(f"{self.path}: cannot be loaded as plain tensor data ({_first_line(err)})")
+        if not isinstance(t, torch.Tensor):
+            raise StoreError(f"{self.path}: holds a {type(t).__name__}, not a single tensor")
+        self._check_tensor_dtype(t.dtype)
+        self._array, self.shape, self.dtype = t, tuple(t.shape), str(t.dtype).replace("torch.", "")
+
+    def _open_safetensors(self):
+        from safetensors import safe_open
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            keys = list(self._handle.keys())
+        except Exception as e:
+            raise StoreError(f"{self.path}: not a readable .safetensors file ({_first_line(e)})") from None
+        if self.key is None:
+            if len(keys) != 1:
+                raise StoreError(f"{self.path}: holds {len(keys)} tensors ({', '.join(keys[:10])}); "
+                                 "name one with --key")
+            self.key = keys[0]
+        elif self.key not in keys:
+            raise StoreError(f"{self.path}: no tensor {self.key!r} (tensors: {', '.join(keys[:10])})")
+        self._array = self._handle.get_slice(self.key)
+        self.shape = tuple(self._array.get_shape())
+        dtype = self._array.get_dtype()  # safetensors names: F16, BF16, F32, I64, ...
+        if dtype[0] not in "FIUB":
+            raise StoreError(f"{self.path}: tensor {self.key!r} has dtype {dtype}; expected numbers")
+        self.dtype = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}.get(dtype, dtype)
+
+    def _check_tensor_dtype(self, dtype: torch.dtype) -> None:
+        if dtype.is_complex or not (dtype.is_floating_point or dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)):
+            raise StoreError(f"{self.path}: has dtype {dtype}; expected a real numeric tensor")
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        a = self._array[lo:hi]
+        if isinstance(a, torch.Tensor):
+            a = (a.float() if a.dtype not in (torch.float16, torch.float32, torch.float64) else a).numpy()
+        return np.asarray(a)
+
+    def close(self):
+        self._array = None
+        self._handle = None  # safe_open has no close(); dropping it releases the file
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def import_array(array_path: str | os.PathLike, out: str | os.PathLike, *, test_fraction: float = 0.1,
+                 seed: int = 0, site: str = "x", dtype: str | None = None, key: str | None = None,
+                 force: bool = False, progress: bool = True) -> Path:
+    """Turn a [rows, d] array in a .npy / .pt / .safetensors file into a store (kind "import").
+
+    Rows are split per row (`split_rows`, so row order does not matter). `dtype` defaults to
+    float16 for float16 input and float32 otherwise. Rows with NaN or Inf are refused with a count;
+    the output is written atomically and an existing one is kept unless `force`.
+    """
+    array_path, out = Path(array_path), Path(out)
+    if out.exists() and not force:  # fail before reading anything
+        raise StoreError(f"{out}: already exists; pass --force to overwrite it")
+    src = _ArraySource(array_path, key)
+    try:
+        n, d = src.shape
+        dtype = dtype or ("float16" if src.dtype == "float16" else "float32")
+        provenance = dict(source=str(array_path.resolve()), format=src.format, key=src.key, shape=[n, d],
+                          source_dtype=src.dtype, bytes=array_path.stat().st_size, package_version=__version__)
+        itemsize = np.dtype(dtype).itemsize if dtype in ("float16", "float32") else 4
+        chunk = chunk_rows_for(d, itemsize)
+        block = max(chunk, IMPORT_BLOCK_BYTES // (d * 4) // chunk * chunk)  # whole chunks per write
+        writer = StoreWriter(out, sites={site: d}, provenance=provenance, kind="import", dtype=dtype,
+                             units="as imported", split_unit="row", test_fraction=test_fraction,
+                             split_seed=seed, force=force)
+        try:
+            bad = _copy_rows(src, writer, site, block, test_fraction, seed, progress)
+            if bad:
+                raise StoreError(f"{array_path}: {bad} of {n} rows contain NaN or Inf; nothing was imported")
+        except BaseException:
+            writer.close(complete=False)  # an import is quick to redo: leave no partial behind
+            writer.tmp.unlink(missing_ok=True)
+            raise
+        return writer.close()
+    finally:
+        src.close()
+
+
+def _copy_rows(src: _ArraySource, writer: StoreWriter, site: str, block: int, test_fraction: float,
+               seed: int, progress: bool) -> int:
+    """Copy all rows block by block; returns the number of non-finite rows (copying stops at the
+    first one, counting goes on so the error can say how many)."""
+    n = src.shape[0]
+    bad = 0
+    with tqdm(total=n, unit="row", disable=not progress, desc=f"import {src.path.name}") as bar:
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            a = src.rows(lo, hi)
+            if a.dtype.kind == "f":
+                bad += int((~np.isfinite(a)).any(axis=1).sum())
+            if not bad:
+                writer.append({site: a}, test=split_rows(hi - lo, test_fraction, seed, lo))
+            bar.update(hi - lo)
+    return bad
