@@ -117,6 +117,162 @@ class Command:
 # ---- store, toys, import, inspect (issue 2) ------------------------------------------------
 # (section: store)
 
+
+def _default_of(func, name: str):
+    """A keyword default of a library function: the CLI shows it without copying it."""
+    import inspect
+    return inspect.signature(func).parameters[name].default
+
+
+def _parse_set_value(params_cls, key: str, text: str):
+    """Type a `--set key=value` by the Params field it names (unknown keys are left to the library,
+    which refuses them with the list of valid keys)."""
+    hints = typing.get_type_hints(params_cls)
+    if key not in hints:
+        return text
+    tp = hints[key]
+    optional = _unwrap_optional(tp) is not tp
+    tp = _unwrap_optional(tp)
+    low = text.strip().lower()
+    if optional and low in ("none", "null", ""):
+        return None
+    if tp is bool:
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SparsefeatError(f"--set {key}={text}: expected true or false")
+    try:
+        return tp(text) if tp in (int, float, str) else text
+    except ValueError:
+        raise SparsefeatError(f"--set {key}={text}: expected {tp.__name__}") from None
+
+
+def _given_params(params_cls, args: argparse.Namespace) -> dict:
+    """Params fields the user gave as options, then `--set key=value` on top."""
+    names = {f.name for f in dataclasses.fields(params_cls)}
+    params = {k: v for k, v in vars(args).items() if k in names}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SparsefeatError(f"--set {item!r}: expected key=value")
+        key = key.strip().replace("-", "_")
+        params[key] = _parse_set_value(params_cls, key, value)
+    return params
+
+
+class ToyCommand(Command):
+    name = "toy"
+    help = "Generate toy data with known structure (a ground truth or a false-positive control) as a store."
+
+    def configure(self, p):
+        from .toys import TOYS, write_toy
+        kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+        for kind, cls in TOYS.items():
+            doc = (cls.__doc__ or kind).strip()
+            k = kinds.add_parser(kind, help=doc.splitlines()[0], description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+            k.add_argument("--out", type=Path, required=True, help="the store to write")
+            for opt, tp in (("n_samples", int), ("seed", int), ("test_fraction", float)):
+                k.add_argument("--" + opt.replace("_", "-"), type=tp, dest=opt, default=argparse.SUPPRESS,
+                               help=f"default: {_default_of(write_toy, opt)}")
+            k.add_argument("--dtype", choices=("float16", "float32"), default=argparse.SUPPRESS,
+                           help=f"stored dtype (default: {_default_of(write_toy, 'dtype')})")
+            add_config_args(k, cls.Params, group=f"{kind} parameters")
+            k.add_argument("--set", action="append", metavar="KEY=VALUE",
+                           help="set any parameter of this toy (repeatable)")
+            if "d" in {f.name for f in dataclasses.fields(cls.Params)}:
+                k.add_argument("--like", type=Path, metavar="STORE",
+                               help="take d and scale (E|x|^2) from this store's site")
+                k.add_argument("--like-site", metavar="SITE", help="site of --like (default: its only site)")
+            k.add_argument("--resume", action="store_true", help="continue a killed run (same arguments)")
+            k.add_argument("--force", action="store_true", help="overwrite an existing store")
+            k.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                           help="show a progress bar")
+
+    def run(self, args):
+        from .toys import TOYS, write_toy
+        params = _given_params(TOYS[args.kind].Params, args)
+        common = {k: getattr(args, k) for k in ("n_samples", "seed", "test_fraction", "dtype") if k in args}
+        like = (args.like, args.like_site) if getattr(args, "like", None) else None
+        path = write_toy(args.kind, args.out, like=like, resume=args.resume, force=args.force,
+                         progress=args.progress, **common, **params)
+        print(f"wrote {path}")
+
+
+class ImportCommand(Command):
+    name = "import"
+    help = "Turn your own [rows, d] activations (.npy, .pt tensor, .safetensors) into a store."
+
+    def configure(self, p):
+        from .store import import_array
+        p.add_argument("array", type=Path, help="the array file (.npy, .pt or .safetensors)")
+        p.add_argument("--out", type=Path, required=True, help="the store to write")
+        p.add_argument("--test-fraction", type=float, default=argparse.SUPPRESS,
+                       help=f"share of rows held out (default: {_default_of(import_array, 'test_fraction')})")
+        p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                       help=f"seed of the train/test split (default: {_default_of(import_array, 'seed')})")
+        p.add_argument("--site", default=argparse.SUPPRESS,
+                       help=f"site name in the store (default: {_default_of(import_array, 'site')})")
+        p.add_argument("--key", default=argparse.SUPPRESS, help="tensor name inside a .safetensors file")
+        p.add_argument("--dtype", choices=("float16", "float32"), default=argparse.SUPPRESS,
+                       help="stored dtype (default: float16 for float16 input, else float32)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing store")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show a progress bar")
+
+    def run(self, args):
+        from .store import import_array
+        options = {k: getattr(args, k) for k in ("test_fraction", "seed", "site", "key", "dtype") if k in args}
+        path = import_array(args.array, args.out, force=args.force, progress=args.progress, **options)
+        print(f"wrote {path}")
+
+
+def _print_description(obj, indent: int = 0) -> None:
+    """Print a describe() dict as indented `key: value` lines (lists of dicts as one line each)."""
+    pad = "  " * indent
+    for key, value in obj.items():
+        if isinstance(value, dict) and value:
+            print(f"{pad}{key}:")
+            _print_description(value, indent + 1)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            print(f"{pad}{key}: ({len(value)})")
+            for item in value:
+                print(f"{pad}  - " + ", ".join(f"{k}={_short(v)}" for k, v in item.items()))
+        else:
+            print(f"{pad}{key}: {_short(value)}")
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+class InspectCommand(Command):
+    name = "inspect"
+    help = "Describe a store or a results file: format, sites, shapes, splits, statistics, provenance."
+
+    def configure(self, p):
+        p.add_argument("file", type=Path, help="a sparsefeat store or results file")
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    def run(self, args):
+        from . import store
+        fmt = store.file_format(args.file)
+        if fmt == store.FORMAT:
+            description = store.describe(args.file)
+        elif fmt == "sparsefeat.results":
+            from . import results  # only needed for results files
+            description = results.describe(args.file)
+        else:
+            raise SparsefeatError(f"{args.file}: unknown sparsefeat format {fmt!r}")
+        if args.json:
+            print_json(description)
+        else:
+            _print_description(description)
+
+
 # ---- sweep (issue 3) -----------------------------------------------------------------------
 # (section: sweep)
 

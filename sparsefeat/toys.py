@@ -278,9 +278,11 @@ class GmmParams:
 
 
 class Gmm(Toy):
-    """Mixture of k isotropic Gaussians: pick component j with probability w_j, then
-    x ~ N(μ_j, (spread²/d) I). Means μ_j ~ N(0, (separation²/d) I). Ground truth: `means` [k, d]
-    (in stored units) and `weights` [k]."""
+    """Mixture of k isotropic Gaussians (few "features": the k means).
+
+    Pick component j with probability w_j, then x ~ N(μ_j, (spread²/d) I), with means
+    μ_j ~ N(0, (separation²/d) I). Ground truth: `means` [k, d] (in stored units) and `weights` [k].
+    """
 
     name = "gmm"
     Params = GmmParams
@@ -334,9 +336,11 @@ class SquareParams(HypercubeParams):
 
 
 class Hypercube(Toy):
-    """Uniform points u in the unit cube [0, 1]^q, embedded in d dims: x = u M + ε, with M [q, d]
-    = factor · (random orthonormal rows). Ground truth: `embedding` M, so u = x Mᵀ / factor²
-    (= x Mᵀ (M Mᵀ)⁻¹) maps a noiseless row back into the cube."""
+    """Uniform points in the unit cube [0, 1]^q, embedded in d dims (a manifold, no sparse structure).
+
+    x = u M + ε with u ~ U[0, 1]^q and M [q, d] = factor · (random orthonormal rows); ε is isotropic
+    Gaussian noise. Ground truth: `embedding` M, so u = x Mᵀ / factor² (= x Mᵀ (M Mᵀ)⁻¹) maps a
+    noiseless row back into the cube."""
 
     name = "hypercube"
     Params = HypercubeParams
@@ -409,8 +413,9 @@ class MatchedParams:
 
 
 class Matched(Toy):
-    """Gaussian with the mean and covariance of a site of an existing store: the strictest null
-    (no sparse structure at all, same second moments). Sampled as x = μ + g L with L = diag(√w) Vᵀ
+    """Gaussian with the mean and covariance of a site of an existing store (the strictest null).
+
+    No sparse structure at all, the same second moments as the source. Sampled as x = μ + g L with L = diag(√w) Vᵀ
     from the eigendecomposition Σ = V diag(w) Vᵀ (negative round-off eigenvalues clipped to 0), which
     works for singular covariances where Cholesky fails. Ground truth: `mean` [d], `covariance` [d, d].
     """
@@ -457,9 +462,9 @@ def toy_class(kind: str) -> type[Toy]:
     return TOYS[kind]
 
 
-def make_params(kind: str, params: dict, like: tuple | None = None):
+def make_params(kind: str, params: dict, like: dict | None = None):
     """Build a toy's Params from keyword values, refusing unknown keys with the list of valid ones.
-    `like=(store, site)` fills `d` and `scale` from that store's site (train split)."""
+    `like` (from `describe_like`) fills `d` and `scale`."""
     cls = toy_class(kind).Params
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(params) - set(valid))
@@ -469,22 +474,24 @@ def make_params(kind: str, params: dict, like: tuple | None = None):
     if like is not None:
         if "d" not in valid or "scale" not in valid:
             raise SparsefeatError(f"toy {kind!r} takes its width and scale from its source, not from --like")
-        d, scale = like_width_and_scale(*like)
-        for key, value in (("d", d), ("scale", scale)):
-            if params.get(key) is not None and params[key] != value:
-                raise SparsefeatError(f"{like[0]}: --like sets {key}={value}, which conflicts with {key}={params[key]}")
-            params[key] = value
+        for key in ("d", "scale"):
+            if params.get(key) is not None and params[key] != like[key]:
+                raise SparsefeatError(f"--like {like['path']} sets {key}={like[key]}, "
+                                      f"which conflicts with {key}={params[key]}")
+            params[key] = like[key]
     try:
         return cls(**params)
     except TypeError as e:
         raise SparsefeatError(f"toy {kind!r}: {e}") from None
 
 
-def like_width_and_scale(store: str | os.PathLike, site: str | None = None) -> tuple[int, float]:
-    """Width and mean squared norm (train split) of a store's site, for matching a toy to it."""
+def describe_like(store: str | os.PathLike, site: str | None = None) -> dict:
+    """Path, site, width `d` and mean squared norm `scale` (train split) of a store's site: what a
+    toy made `like` it copies (recorded in the toy's provenance)."""
     with ActivationStore(store) as s:
         site = site or s.default_site()
-        return s.width(site), s.mean_squared_norm(site, "train")
+        return dict(path=str(Path(store).resolve()), site=site, d=s.width(site),
+                    scale=s.mean_squared_norm(site, "train"))
 
 
 def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_SAMPLES, seed: int = 0,
@@ -503,6 +510,7 @@ def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_S
     if seed < 0:
         raise SparsefeatError(f"{out}: seed must be non-negative, got {seed}")
     try:
+        like = describe_like(*like) if like is not None else None
         p = make_params(kind, params, like)
         toy = toy_class(kind)(p, seed)
     except StoreError:
@@ -512,7 +520,7 @@ def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_S
     provenance = dict(generator=kind, params=dataclasses.asdict(p), seed=int(seed), n_samples=int(n_samples),
                       block_rows=int(block_rows), package_version=__version__, **toy.provenance())
     if like is not None:
-        provenance["like"] = dict(path=str(Path(like[0]).resolve()), site=like[1])
+        provenance["like"] = like
     writer = StoreWriter(out, sites={SITE: toy.d}, provenance=provenance, kind="toy", dtype=dtype,
                          split_unit="row", test_fraction=test_fraction, split_seed=seed,
                          resume=resume, force=force)
