@@ -279,6 +279,33 @@ class InspectCommand(Command):
 # ---- harvest (issue 4) ---------------------------------------------------------------------
 # (section: harvest)
 
+
+class HarvestCommand(Command):
+    name = "harvest"
+    help = ("Run a text corpus through a transformers model (default: the shipped MiniLM-L6 on Python's "
+            "own docs) and store the residual stream of chosen layers, offline.")
+
+    def configure(self, p):
+        from .harvest import HarvestConfig
+        p.add_argument("--out", type=Path, required=True, help="the store to write")
+        # A corpus is a list of paths: space-separated (paths may hold commas), not comma-separated.
+        p.add_argument("--corpus", nargs="+", metavar="PATH", default=argparse.SUPPRESS,
+                       help=HarvestConfig.__dataclass_fields__["corpus"].metadata["help"] + " (default: pydoc)")
+        add_config_args(p, HarvestConfig, skip=("corpus",), group="harvest options")
+        p.add_argument("--resume", action="store_true", help="continue a killed harvest (same arguments)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing store")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show a progress bar")
+
+    def run(self, args):
+        from .harvest import HarvestConfig, harvest
+        from .store import ActivationStore
+        path = harvest(config_from_args(HarvestConfig, args), args.out, resume=args.resume, force=args.force,
+                       progress=args.progress)
+        with ActivationStore(path) as s:
+            print(f"wrote {path}: {s.n_rows():,} rows ({s.n_rows('test'):,} test) from "
+                  f"{len(s.documents_test()):,} documents, sites {', '.join(s.sites)}")
+
 # ---- count, plot, run (issue 5) ------------------------------------------------------------
 # (section: count)
 
