@@ -1,0 +1,629 @@
+"""Count features honestly: the estimator, the held-out-loss stop, and the count table.
+
+The rule (argued in docs/method.md):
+
+1. A latent is *alive* if it fires on the test split (frequency > `alive_frequency`).
+2. Within one dictionary, alive latents whose decoder atoms have cosine >= tau are one *direction*
+   (near-duplicates from feature splitting count once); tau = max(`match_floor`, the
+   `random_quantile` quantile of the best cosine between random unit atoms of the same width and number).
+3. A direction is *reproduced* if a second seed of the same size has a direction matched to it one-to-one
+   (Hungarian) with cosine >= tau. N(m) = reproduced directions at size m, averaged over seed pairs.
+4. The estimate is the plateau of N(m): the first size after which N neither rises by more than
+   `saturation_tolerance`·N + `saturation_slack` at any larger size nor falls below that band at the next
+   size; the estimate is the largest N on the plateau. No plateau inside the sweep: no estimate, only the
+   lower bound "> N(M)".
+
+The held-out stop: the smallest size beyond which no step to a larger size lowers the test loss by more
+than its noise (paired bootstrap over test rows), reported beside how much the train loss still falls.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SparsefeatError
+from .metrics import hungarian_match
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CountConfig:
+    match_floor: float = field(default=0.9, metadata={
+        "help": "lowest decoder cosine at which two latents are the same direction"})
+    random_quantile: float = field(default=0.99, metadata={
+        "help": "quantile of the best cosine between random atoms that the match threshold must exceed"})
+    alive_frequency: float = field(default=0.0, metadata={
+        "help": "a latent is alive if its firing frequency on the test split is above this"})
+    saturation_tolerance: float = field(default=0.1, metadata={
+        "help": "relative rise of the reproduced count that still counts as a plateau"})
+    saturation_slack: float = field(default=2.0, metadata={
+        "help": "absolute rise (latents) that still counts as a plateau"})
+    bootstrap: int = field(default=500, metadata={
+        "help": "bootstrap resamples of the test rows for the held-out-loss noise"})
+    confidence: float = field(default=0.95, metadata={
+        "help": "a test-loss improvement counts if this share of bootstrap resamples shows one"})
+    max_seed_pairs: int = field(default=3, metadata={"help": "seed pairs averaged per size"})
+    seed: int = field(default=0, metadata={"help": "seed of the random calibration and the bootstrap"})
+
+    def __post_init__(self):
+        if not 0.0 < self.match_floor <= 1.0:
+            raise ValueError(f"match_floor must be in (0, 1], got {self.match_floor}")
+        if not 0.0 < self.random_quantile < 1.0:
+            raise ValueError(f"random_quantile must be in (0, 1), got {self.random_quantile}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if self.bootstrap < 10:
+            raise ValueError(f"bootstrap must be at least 10, got {self.bootstrap}")
+
+
+# --------------------------------------------------------------------------------------------
+# Matching directions (pure functions over decoder matrices, rows = unit atoms)
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+CALIBRATION_SAMPLES = 20_000
+
+
+@functools.lru_cache(maxsize=256)
+def random_match_threshold(d: int, m: int, quantile: float = 0.99, seed: int = 0) -> float:
+    """The `quantile` of max_j cos(a_i, b_j) for two dictionaries of m random unit atoms in d dims.
+
+    A cosine this high arises by chance between unrelated atoms, so a match must beat it. The best
+    cosine per atom (not the one-to-one matched one) is the stricter choice and also serves to merge
+    near-duplicates within one dictionary.
+    """
+    rng = np.random.default_rng([seed, d, m])
+    best = []
+    for _ in range(max(1, math.ceil(CALIBRATION_SAMPLES / m))):  # enough atoms for a steady quantile
+        a = _unit_rows(rng.standard_normal((m, d)))
+        b = _unit_rows(rng.standard_normal((m, d)))
+        best.append((a @ b.T).max(axis=1))
+    return float(np.quantile(np.concatenate(best), quantile))
+
+
+def match_threshold(d: int, m: int, config: CountConfig) -> float:
+    """tau = max(match_floor, random_match_threshold(d, m))."""
+    return max(config.match_floor, random_match_threshold(d, max(m, 1), config.random_quantile, config.seed))
+
+
+def distinct_directions(decoder: np.ndarray, threshold: float, frequency: np.ndarray | None = None) -> np.ndarray:
+    """Indices of representative atoms after merging near-duplicates (cos >= threshold).
+
+    Greedy in order of falling frequency: an atom joins the first representative it is that close to,
+    else it becomes one. Returns the representatives' row indices.
+    """
+    dec = _unit_rows(decoder)
+    if dec.shape[0] == 0:
+        return np.zeros(0, dtype=int)
+    order = np.argsort(-frequency, kind="stable") if frequency is not None else np.arange(dec.shape[0])
+    reps: list[int] = []
+    for i in order:
+        if reps and (dec[reps] @ dec[i]).max() >= threshold:
+            continue
+        reps.append(int(i))
+    return np.array(reps, dtype=int)
+
+
+def reproduced_pairs(a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+    """Rows of `a` matched one-to-one (Hungarian on cosine) to rows of `b` with cosine >= threshold."""
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return np.zeros(0, dtype=int)
+    pairs, cos = hungarian_match(a, b)
+    return pairs[cos >= threshold, 0]
+
+
+def reproduced_directions(dec_a: np.ndarray, dec_b: np.ndarray, threshold: float,
+                          freq_a: np.ndarray | None = None, freq_b: np.ndarray | None = None,
+                          alive_frequency: float = 0.0) -> int:
+    """Distinct alive directions of dictionary a that dictionary b reproduces (steps 1-3 of the rule)."""
+    a, fa = _alive(dec_a, freq_a, alive_frequency)
+    b, fb = _alive(dec_b, freq_b, alive_frequency)
+    ra = distinct_directions(a, threshold, fa)
+    rb = distinct_directions(b, threshold, fb)
+    return int(reproduced_pairs(a[ra], b[rb], threshold).shape[0])
+
+
+def _alive(dec: np.ndarray, freq: np.ndarray | None, alive_frequency: float):
+    if freq is None:
+        return np.asarray(dec), None
+    keep = np.asarray(freq) > alive_frequency
+    return np.asarray(dec)[keep], np.asarray(freq)[keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Saturation of the count curve
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Saturation:
+    """Where N(m) stops growing; `estimate` is None when it never does inside the sweep."""
+    estimate: float | None
+    size: int | None          # first size of the plateau
+    uncertainty: float | None  # half the spread of N on the plateau, or the seed-pair spread if larger
+    lower_bound: float        # N at the largest size (what "no saturation up to M" can still claim)
+    largest_size: int
+
+
+def find_saturation(sizes, counts, tolerance: float = 0.1, slack: float = 2.0,
+                    spreads=None) -> Saturation:
+    """First k such that no later N_j exceeds N_k + tolerance·N_k + slack; estimate = max_{j>=k} N_j.
+
+    A fall after the plateau (large dictionaries that train less well, or more latents dying) still
+    counts as "stopped growing". Needs a larger size to confirm a plateau, so the largest size alone
+    never saturates.
+    """
+    sizes = [int(s) for s in sizes]
+    counts = [float(c) for c in counts]
+    spreads = [0.0] * len(counts) if spreads is None else [float(s) for s in spreads]
+    if not counts:
+        raise ValueError("no sizes to look for saturation in")
+    for k in range(len(counts) - 1):
+        band = tolerance * counts[k] + slack
+        later = counts[k + 1:]
+        if max(later) <= counts[k] + band:
+            tail, tail_spread = counts[k:], spreads[k:]
+            half_range = (max(tail) - min(tail)) / 2
+            return Saturation(estimate=max(tail), size=sizes[k],
+                              uncertainty=max(half_range, max(tail_spread), 1.0),
+                              lower_bound=counts[-1], largest_size=sizes[-1])
+    return Saturation(None, None, None, counts[-1], sizes[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Where more latents stop helping on held-out data
+# --------------------------------------------------------------------------------------------
+
+
+def paired_improvement(sse_small: np.ndarray, sse_large: np.ndarray, n_boot: int = 500,
+                       seed: int = 0, groups: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Mean per-row loss improvement mean(sse_small − sse_large) and its bootstrap distribution.
+
+    Rows are the same test rows for both sizes, so the difference is taken per row (paired) before
+    resampling. With `groups` (document ids), whole documents are resampled, since tokens of a
+    document are correlated.
+    """
+    diff = np.asarray(sse_small, dtype=np.float64) - np.asarray(sse_large, dtype=np.float64)
+    if diff.shape[0] == 0:
+        raise ValueError("no test rows to compare")
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        idx = rng.integers(0, diff.shape[0], size=(n_boot, diff.shape[0]))
+        return float(diff.mean()), diff[idx].mean(axis=1)
+    _, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=diff)
+    counts = np.bincount(inverse).astype(np.float64)
+    pick = rng.integers(0, sums.shape[0], size=(n_boot, sums.shape[0]))
+    return float(diff.mean()), sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+
+
+@dataclass
+class HeldOutStop:
+    """The held-out answer to "train or test loss?" for one sweep."""
+    size: int | None             # smallest size beyond which test loss no longer improves; None: never
+    improving_steps: list[bool]  # per step m_k -> m_{k+1}: a test improvement beyond bootstrap noise
+    test_change: float | None    # relative test-loss change from `size` to the largest size
+    train_change: float | None   # relative train-loss change over the same sizes (negative: still falls)
+
+    @property
+    def train_still_falls(self) -> bool:
+        return self.train_change is not None and self.train_change < 0
+
+
+def held_out_stop(sizes, test_sse: list[np.ndarray], train_loss, n_boot: int = 500, confidence: float = 0.95,
+                  seed: int = 0, groups: np.ndarray | None = None) -> HeldOutStop:
+    """The smallest size m_k such that no later step m_j -> m_{j+1} (j >= k) improves the test loss
+    beyond noise (improvement counts if its bootstrap `1 − confidence` quantile is above 0).
+
+    `test_sse[k]`: per-row squared errors of the test rows at size k (same rows at every size);
+    `train_loss[k]`: the train loss at size k.
+    """
+    sizes = [int(s) for s in sizes]
+    improving = []
+    for k in range(len(sizes) - 1):
+        _, boot = paired_improvement(test_sse[k], test_sse[k + 1], n_boot, seed + k, groups)
+        improving.append(bool(np.quantile(boot, 1 - confidence) > 0))
+    last = max([k + 1 for k, up in enumerate(improving) if up], default=0)
+    if last == len(sizes) - 1:
+        return HeldOutStop(None, improving, None, None)
+    test_mean = [float(np.mean(s)) for s in test_sse]
+    return HeldOutStop(size=sizes[last], improving_steps=improving,
+                       test_change=_relative(test_mean[-1], test_mean[last]),
+                       train_change=_relative(float(train_loss[-1]), float(train_loss[last])))
+
+
+def _relative(new: float, old: float) -> float:
+    return (new - old) / old if old else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Assembling the count from results files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeRow:
+    """One dictionary size of one sweep (one sparsity setting), averaged over seeds."""
+    size: int
+    seeds: int
+    train_mse: float
+    test_mse: float
+    train_fvu: float
+    test_fvu: float
+    gap: float            # test MSE − train MSE
+    l0: float             # on the test split
+    dead_fraction: float  # on the test split
+    mmcs_next: float      # with the next larger dictionary (NaN at the largest)
+    shared_seed: float    # the trainer's cross-seed shared fraction
+    mmcs_gt: float        # with the ground truth (toys only, else NaN)
+    threshold: float      # tau used for merging and matching at this size
+    reproduced: float     # N(m): distinct alive directions reproduced across seeds (NaN: one seed)
+    reproduced_spread: float  # std of N(m) over seed pairs
+
+
+@dataclass
+class Comparison:
+    """One estimate against a control's: the excess, or the bound on it when a side did not saturate."""
+    against: str                # label of the control
+    role: str                   # "null", "layer 0", "random init", "control"
+    control_estimate: float | None
+    control_lower_bound: float
+    excess: float | None        # estimate − control estimate (both saturated)
+    uncertainty: float | None   # sqrt(u_a² + u_b²)
+    bound: str                  # "=", ">" (at least), "<" (at most) or "?" (neither saturated)
+    common_size: int | None     # the largest size both sweeps trained
+    excess_at_common_size: float | None  # N_a − N_b at that size
+
+    @property
+    def within_noise(self) -> bool | None:
+        """|excess| <= 2·uncertainty; None when there is no excess to judge."""
+        if self.excess is None or self.bound != "=":
+            return None
+        return abs(self.excess) <= 2 * self.uncertainty
+
+    def text(self) -> str:
+        if self.bound == "?":
+            at = self.excess_at_common_size
+            return "?" if at is None else f"? ({at:+.0f} at m={self.common_size})"
+        if self.bound == "=":
+            return f"{self.excess:+.0f}±{self.uncertainty:.0f}"
+        return f"{self.bound}{self.excess:+.0f}"
+
+
+@dataclass
+class SweepCount:
+    """One line of the count table: one dataset/site at one sparsity setting."""
+    label: str
+    results_path: str
+    site: str
+    d: int
+    role: str             # toy, control, null, model, random-init, data
+    arch: str
+    sparsity_name: str
+    sparsity: float
+    expected: int | None  # the known number of features (toy ground truth; gmm components)
+    sizes: list[SizeRow]
+    saturation: Saturation
+    held_out: HeldOutStop
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> str:
+        return f"{self.arch} {self.sparsity_name}={self.sparsity:g}"
+
+    def estimate_text(self) -> str:
+        s = self.saturation
+        if s.estimate is None:
+            return f"no saturation up to m={s.largest_size} (>{s.lower_bound:.0f})"
+        return f"{s.estimate:.0f}±{s.uncertainty:.0f} (m={s.size})"
+
+    def held_out_text(self) -> str:
+        h = self.held_out
+        if h.size is None:
+            return f"improves to m={self.sizes[-1].size}"
+        train = "" if h.train_change is None else f", train {h.train_change:+.1%}"
+        return f"stops at m={h.size} (test {h.test_change:+.1%}{train})"
+
+
+def count_results(paths, config: CountConfig | None = None, *, roles: dict[str, str] | None = None,
+                  progress: bool = False) -> list[SweepCount]:
+    """The count table for results files: per dataset/site and sparsity setting, by size, with the
+    estimate, the held-out stop and the comparisons with the controls found among the same files.
+
+    `roles` overrides the role inferred from a file's provenance, by label (e.g. {"gmm/x": "control"}).
+    """
+    from tqdm.auto import tqdm
+
+    from .results import load_results
+    config = config or CountConfig()
+    loaded = [load_results(p) for p in paths]
+    labels = _unique_labels(loaded)
+    counts = []
+    for r, label in tqdm(list(zip(loaded, labels)), desc="count", unit="file", disable=not progress):
+        role = (roles or {}).get(label) or infer_role(r)
+        for key, members in _sparsity_groups(r).items():
+            counts.append(count_sweep(r, label, role, key, members, config))
+    attach_comparisons(counts, loaded, labels)
+    return counts
+
+
+def _unique_labels(results) -> list[str]:
+    labels = [r.label or Path(r.path).stem for r in results]
+    seen = {x: labels.count(x) for x in labels}
+    return [x if seen[x] == 1 else f"{x} [{Path(r.path).name}]" for x, r in zip(labels, results)]
+
+
+def infer_role(r) -> str:
+    """What a results file is, read from its store's provenance: a matched null, a toy with ground
+    truth, another toy (a false-positive control), a model site, a random-init model site, or data."""
+    prov = r.store_provenance or {}
+    if prov.get("generator") == "matched":
+        return "null"
+    if r.store_kind == "toy":
+        return "toy" if r.ground_truth is not None else "control"
+    if r.store_kind == "model":
+        return "random-init" if prov.get("random_init") else "model"
+    return "data"
+
+
+def _sparsity_groups(r) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for m in r.members:
+        groups.setdefault((m.arch, m.sparsity_name, float(m.sparsity)), []).append(m)
+    return groups
+
+
+def expected_features(r) -> int | None:
+    prov = r.store_provenance or {}
+    params = prov.get("params") or {}
+    if prov.get("generator") == "sparse":
+        return int(params.get("n_features"))
+    if prov.get("generator") == "gmm":
+        return int(params.get("k"))
+    return None
+
+
+def count_sweep(r, label: str, role: str, key: tuple, members: list, config: CountConfig) -> SweepCount:
+    """Everything the table says about one sparsity setting of one results file."""
+    by_size: dict[int, list] = {}
+    for m in members:
+        by_size.setdefault(int(m.dictionary_size), []).append(m)
+    sizes = sorted(by_size)
+    rows, test_sse, train_loss = [], [], []
+    for size in sizes:
+        ms = sorted(by_size[size], key=lambda m: m.seed)
+        rows.append(size_row(r, size, ms, config))
+        test_sse.append(np.mean([r.row_sse(m.id, "test") for m in ms], axis=0))
+        train_loss.append(rows[-1].train_mse)
+    counts = [row.reproduced for row in rows]
+    if any(math.isnan(c) for c in counts):
+        saturation = Saturation(None, None, None, math.nan, sizes[-1])
+    else:
+        saturation = find_saturation(sizes, counts, config.saturation_tolerance, config.saturation_slack,
+                                     [row.reproduced_spread for row in rows])
+    held = held_out_stop(sizes, test_sse, train_loss, config.bootstrap, config.confidence, config.seed,
+                         groups=test_documents(r, len(test_sse[0])))
+    arch, sparsity_name, sparsity = key
+    return SweepCount(label=label, results_path=str(r.path), site=r.site, d=int(r.d), role=role, arch=arch,
+                      sparsity_name=sparsity_name, sparsity=sparsity, expected=expected_features(r),
+                      sizes=rows, saturation=saturation, held_out=held)
+
+
+def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
+    """Seed-averaged metrics of one size, and N(m) over seed pairs."""
+    def mean(split, key):
+        return float(np.mean([m.metrics[split][key] for m in members]))
+
+    def signal(key):
+        values = [m.signals.get(key, math.nan) for m in members]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        return float(np.mean(values)) if values else math.nan
+
+    tau = match_threshold(int(r.d), size, config)
+    pairs = list(itertools.combinations(members, 2))[:config.max_seed_pairs]
+    found = [reproduced_directions(r.decoder(a.id), r.decoder(b.id), tau,
+                                   r.feature_frequency(a.id, "test"), r.feature_frequency(b.id, "test"),
+                                   config.alive_frequency) for a, b in pairs]
+    return SizeRow(size=size, seeds=len(members), train_mse=mean("train", "mse"), test_mse=mean("test", "mse"),
+                   train_fvu=mean("train", "fvu"), test_fvu=mean("test", "fvu"),
+                   gap=mean("test", "mse") - mean("train", "mse"), l0=mean("test", "l0"),
+                   dead_fraction=mean("test", "dead_fraction"), mmcs_next=signal("mmcs_next"),
+                   shared_seed=signal("shared_seed"), mmcs_gt=signal("mmcs_gt"), threshold=tau,
+                   reproduced=float(np.mean(found)) if found else math.nan,
+                   reproduced_spread=float(np.std(found)) if found else math.nan)
+
+
+def test_documents(r, n_rows: int) -> np.ndarray | None:
+    """Document ids of the evaluated test rows, when the store is at hand and they can be aligned
+    (model data: tokens of one document are correlated, so the bootstrap resamples documents)."""
+    from .store import ActivationStore, StoreError
+    if r.store_kind != "model":
+        return None
+    try:
+        with ActivationStore(r.store_path) as s:
+            tokens = s.tokens()
+            if tokens is None:
+                return None
+            docs = tokens["doc"][s.split_mask("test")]
+    except (StoreError, OSError):
+        return None
+    return docs if docs.shape[0] == n_rows else None
+
+
+# --------------------------------------------------------------------------------------------
+# Relations between sweeps: nulls, layer 0, random init, controls
+# --------------------------------------------------------------------------------------------
+
+
+def _store_key(path: str, site: str) -> tuple[str, str]:
+    return str(Path(path).expanduser().resolve()), site
+
+
+def _layer(site: str) -> int | None:
+    found = re.fullmatch(r"resid_(\d+)", site or "")
+    return int(found.group(1)) if found else None
+
+
+def find_relations(results, labels) -> dict[str, dict[str, str]]:
+    """For each label: the labels of its matched null, its model's layer 0 and its random-init twin.
+
+    Read from provenance: a matched store records its source path and site; a harvested store records
+    model, random_init and layers. Stores that moved are matched by file name when that is unique.
+    """
+    by_key = {_store_key(r.store_path, r.site): label for r, label in zip(results, labels)}
+    by_name: dict[tuple, list[str]] = {}
+    for r, label in zip(results, labels):
+        by_name.setdefault((Path(r.store_path).name, r.site), []).append(label)
+    relations: dict[str, dict[str, str]] = {label: {} for label in labels}
+    for r, label in zip(results, labels):
+        prov = r.store_provenance or {}
+        if prov.get("generator") == "matched":
+            src = prov.get("source") or {}
+            path = src.get("path") or (prov.get("params") or {}).get("source")
+            site = src.get("site") or (prov.get("params") or {}).get("site") or r.site
+            if path:
+                target = by_key.get(_store_key(path, site))
+                named = by_name.get((Path(path).name, site), [])
+                target = target or (named[0] if len(named) == 1 else None)
+                if target and target != label:
+                    relations[target]["null"] = label
+    models = [(r, label, r.store_provenance or {}) for r, label in zip(results, labels) if r.store_kind == "model"]
+    for r, label, prov in models:
+        for r2, label2, prov2 in models:
+            if label2 == label or prov2.get("model") != prov.get("model"):
+                continue
+            same_init = bool(prov2.get("random_init")) == bool(prov.get("random_init"))
+            if same_init and _layer(r2.site) == 0 and _layer(r.site) not in (0, None):
+                relations[label]["layer 0"] = label2
+            if not prov.get("random_init") and prov2.get("random_init") and r2.site == r.site:
+                relations[label]["random init"] = label2
+    return relations
+
+
+def compare(a: SweepCount, b: SweepCount, role: str) -> Comparison:
+    """a's estimate against b's (see Comparison)."""
+    sa, sb = a.saturation, b.saturation
+    common = sorted({x.size for x in a.sizes} & {x.size for x in b.sizes})
+    at = None
+    if common:
+        na = next(x.reproduced for x in a.sizes if x.size == common[-1])
+        nb = next(x.reproduced for x in b.sizes if x.size == common[-1])
+        at = None if math.isnan(na) or math.isnan(nb) else na - nb
+    if sa.estimate is not None and sb.estimate is not None:
+        excess, unc, bound = sa.estimate - sb.estimate, math.hypot(sa.uncertainty, sb.uncertainty), "="
+    elif sa.estimate is None and sb.estimate is not None and not math.isnan(sa.lower_bound):
+        excess, unc, bound = sa.lower_bound - sb.estimate, None, ">"
+    elif sa.estimate is not None and sb.estimate is None and not math.isnan(sb.lower_bound):
+        excess, unc, bound = sa.estimate - sb.lower_bound, None, "<"
+    else:
+        excess, unc, bound = None, None, "?"
+    return Comparison(against=b.label, role=role, control_estimate=sb.estimate, control_lower_bound=sb.lower_bound,
+                      excess=excess, uncertainty=unc, bound=bound, common_size=common[-1] if common else None,
+                      excess_at_common_size=at)
+
+
+def _counterpart(counts: list[SweepCount], label: str, like: SweepCount) -> SweepCount | None:
+    """The sweep of `label` at the same setting as `like` (or its only setting)."""
+    mine = [c for c in counts if c.label == label]
+    same = [c for c in mine if (c.arch, c.sparsity_name, c.sparsity) == (like.arch, like.sparsity_name, like.sparsity)]
+    return same[0] if same else (mine[0] if len(mine) == 1 else None)
+
+
+def attach_comparisons(counts: list[SweepCount], results, labels) -> None:
+    """Fill each sweep's comparisons: its null, layer 0 and random-init twin, and, for toys and data,
+    every control of the same width."""
+    relations = find_relations(results, labels)
+    for c in counts:
+        for role, other in relations.get(c.label, {}).items():
+            twin = _counterpart(counts, other, c)
+            if twin is not None:
+                c.comparisons[role] = compare(c, twin, role)
+        if c.role in ("toy", "data"):
+            for other in counts:
+                if other.role == "control" and other.d == c.d and other.label != c.label:
+                    twin = _counterpart(counts, other.label, c)
+                    if twin is other:
+                        c.comparisons[f"control {other.label}"] = compare(c, other, "control")
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("dataset/site", "role", "d", "setting", "sizes", "features", "expected", "vs null",
+                 "vs layer 0", "vs random init", "held-out loss")
+
+
+def table_rows(counts: list[SweepCount]) -> list[list[str]]:
+    rows = []
+    for c in counts:
+        def cmp(role):
+            return c.comparisons[role].text() if role in c.comparisons else "-"
+        rows.append([c.label, c.role, str(c.d), c.setting, f"{c.sizes[0].size}..{c.sizes[-1].size}",
+                     c.estimate_text(), "-" if c.expected is None else str(c.expected), cmp("null"),
+                     cmp("layer 0"), cmp("random init"), c.held_out_text()])
+    return rows
+
+
+def format_table(columns, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [columns, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+SIZE_COLUMNS = ("m", "seeds", "train mse", "test mse", "gap", "train fvu", "test fvu", "L0", "dead",
+                "mmcs next", "shared", "mmcs gt", "tau", "N(m)")
+
+
+def size_table(c: SweepCount) -> str:
+    def f(x, spec=".4f"):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    rows = [[str(s.size), str(s.seeds), f(s.train_mse), f(s.test_mse), f(s.gap, "+.4f"), f(s.train_fvu),
+             f(s.test_fvu), f(s.l0, ".1f"), f(s.dead_fraction, ".2f"), f(s.mmcs_next, ".3f"), f(s.shared_seed, ".2f"),
+             f(s.mmcs_gt, ".3f"), f(s.threshold, ".2f"),
+             f(s.reproduced, ".1f") + ("" if not s.reproduced_spread else f"±{s.reproduced_spread:.1f}")]
+            for s in c.sizes]
+    return format_table(SIZE_COLUMNS, rows)
+
+
+def to_json(counts: list[SweepCount]) -> list[dict]:
+    """JSON-ready dicts (NaN -> None), with the within-noise verdict of each comparison."""
+    out = []
+    for c in counts:
+        d = asdict(c)
+        d["estimate_text"] = c.estimate_text()
+        d["held_out_text"] = c.held_out_text()
+        d["held_out"]["train_still_falls"] = c.held_out.train_still_falls
+        for key, comp in c.comparisons.items():
+            d["comparisons"][key]["within_noise"] = comp.within_noise
+            d["comparisons"][key]["text"] = comp.text()
+        out.append(_finite(d))
+    return out
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj

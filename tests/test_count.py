@@ -1,0 +1,163 @@
+"""The feature count: the estimator's maths on synthetic decoder matrices and loss arrays, then the
+whole estimator on real sweeps of toy data with a known number of features."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sparsefeat import count as C
+
+
+def unit(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def random_atoms(n, d, seed):
+    return unit(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+def near(atoms, cos, seed):
+    """Atoms at cosine `cos` from the given ones (a random orthogonal tilt)."""
+    noise = np.random.default_rng(seed).standard_normal(atoms.shape)
+    noise -= (noise * atoms).sum(1, keepdims=True) * atoms
+    return unit(cos * atoms + math.sqrt(1 - cos ** 2) * unit(noise))
+
+
+# ---- matching -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d,m", [(16, 64), (32, 256), (384, 1024)])
+def test_random_threshold_is_the_chance_level_of_the_best_cosine(d, m):
+    tau = C.random_match_threshold(d, m, 0.99, seed=0)
+    best = np.concatenate([(random_atoms(m, d, 2 * t + 1) @ random_atoms(m, d, 2 * t + 2).T).max(1)
+                           for t in range(20_000 // m)])  # fresh draws, not the calibration's
+    assert 0.007 <= (best >= tau).mean() <= 0.013  # about 1% of unrelated atoms reach it by chance
+
+
+def test_threshold_is_at_least_the_floor_and_rises_in_few_dimensions():
+    cfg = C.CountConfig(match_floor=0.5)
+    assert C.match_threshold(384, 512, cfg) == 0.5  # chance cosines in 384 dims are far below 0.5
+    assert C.match_threshold(8, 4096, cfg) > 0.9  # in 8 dims random atoms come close by chance
+    assert C.match_threshold(384, 512, C.CountConfig()) == 0.9
+
+
+def test_near_duplicates_count_once_and_distinct_features_stay_apart():
+    features = random_atoms(40, 32, 0)
+    twins = near(features[:25], 0.97, 1)  # 25 features split into near-duplicates
+    decoder = np.concatenate([features, twins])
+    freq = np.concatenate([np.full(40, 0.1), np.full(25, 0.01)])
+    reps = C.distinct_directions(decoder, 0.9, freq)
+    assert sorted(reps) == list(range(40))  # the more frequent member of each pair represents it
+
+
+def test_reproduced_directions_counts_only_shared_alive_distinct_atoms():
+    rng = np.random.default_rng(0)
+    shared = random_atoms(30, 48, 3)
+    a = np.concatenate([near(shared, 0.98, 4), random_atoms(20, 48, 5), near(shared[:10], 0.96, 6)])
+    b = np.concatenate([near(shared, 0.98, 7), random_atoms(20, 48, 8)])
+    freq_a, freq_b = rng.uniform(0.01, 0.1, a.shape[0]), rng.uniform(0.01, 0.1, b.shape[0])
+    assert C.reproduced_directions(a, b, 0.9, freq_a, freq_b) == 30
+    freq_b[:5] = 0.0  # five of b's copies never fire: dead latents are not features
+    assert C.reproduced_directions(a, b, 0.9, freq_a, freq_b) == 25
+    assert C.reproduced_directions(random_atoms(50, 48, 9), random_atoms(50, 48, 10), 0.9) == 0
+
+
+def test_splitting_into_near_duplicates_does_not_creep_into_the_count():
+    """science.md's failure of the plateau rule: both seeds split features into near-duplicates as m
+    grows, so the raw one-to-one shared count creeps (n, 1.25n, 1.5n); merging duplicates does not."""
+    n, d = 64, 32
+    features = random_atoms(n, d, 0)
+    sizes, raw, merged = [16, 32, 64, 128, 256], [], []
+    for m in sizes:
+        dicts = []
+        for seed in (0, 1):
+            if m < n:  # too few latents: blends of features that the two seeds do not share
+                dec = random_atoms(m, d, 100 + m + seed)
+            else:
+                split = features[: min(n, (m - n) // 2)] if m > n else features[:0]
+                dec = np.concatenate([near(features, 0.99, seed), near(split, 0.96, 10 + seed),
+                                      near(split, 0.96, 20 + seed), random_atoms(m - n - 2 * len(split), d, seed)])
+            dicts.append(dec)
+        pairs, cos = C.hungarian_match(dicts[0], dicts[1])
+        raw.append(int((cos >= 0.9).sum()))
+        merged.append(C.reproduced_directions(dicts[0], dicts[1], 0.9))
+    assert raw[-1] > 1.3 * n  # the creep
+    sat = C.find_saturation(sizes, merged)
+    assert sat.estimate == pytest.approx(n, rel=0.05) and sat.size == 64
+
+
+# ---- saturation ------------------------------------------------------------------------------
+
+
+def test_saturation_finds_the_first_size_of_the_plateau():
+    s = C.find_saturation([8, 16, 32, 64, 128], [7, 15, 30, 31, 32])
+    assert (s.size, s.estimate) == (32, 32)
+    assert s.uncertainty == 1.0
+
+
+def test_saturation_tolerates_a_fall_after_the_plateau():
+    s = C.find_saturation([16, 32, 64, 128], [10, 40, 62, 50])
+    assert (s.size, s.estimate) == (64, 62)
+
+
+def test_no_saturation_when_the_count_keeps_growing():
+    s = C.find_saturation([16, 32, 64, 128], [12, 25, 48, 90])
+    assert s.estimate is None and s.size is None and s.lower_bound == 90 and s.largest_size == 128
+
+
+def test_a_single_size_never_saturates_and_nothing_is_zero():
+    assert C.find_saturation([64], [60]).estimate is None
+    s = C.find_saturation([16, 32, 64], [0, 0, 1])
+    assert (s.estimate, s.size) == (1, 16)
+
+
+# ---- the held-out stop -----------------------------------------------------------------------
+
+
+def losses_by_size(means, rows=4000, seed=0, noise=0.3):
+    """Per-row squared errors whose means follow `means`; rows share a per-row difficulty, as the
+    same test rows do across sizes."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.gamma(2.0, 0.5, rows)
+    return [np.clip(mu * difficulty + noise * mu * rng.standard_normal(rows) * 0.1, 0, None) for mu in means]
+
+
+def test_paired_bootstrap_sees_a_small_improvement_that_unpaired_noise_would_hide():
+    a, b = losses_by_size([1.0, 0.99])
+    mean, boot = C.paired_improvement(a, b, n_boot=400, seed=0)
+    assert mean == pytest.approx(np.mean(a - b))
+    assert np.quantile(boot, 0.05) > 0  # 1% better on the same rows is real...
+    spread_unpaired = math.hypot(a.std(), b.std()) / math.sqrt(a.size)
+    assert spread_unpaired > mean / 2  # ...though it is within the noise of the two means taken apart
+
+
+def test_held_out_stop_is_where_test_loss_stops_improving_while_train_falls():
+    sizes = [16, 32, 64, 128, 256]
+    test = losses_by_size([1.0, 0.6, 0.4, 0.4, 0.4])
+    test[3] = test[2] * 1.0005  # flat within noise from 64 on
+    test[4] = test[2] * 1.02    # and worse at the largest size
+    train = [0.95, 0.55, 0.35, 0.30, 0.25]
+    h = C.held_out_stop(sizes, test, train, n_boot=300)
+    assert h.size == 64
+    assert h.improving_steps == [True, True, False, False]
+    assert h.train_still_falls and h.train_change == pytest.approx(0.25 / 0.35 - 1)
+    assert h.test_change == pytest.approx(0.02, abs=1e-3)
+
+
+def test_held_out_stop_is_none_when_the_largest_step_still_helps():
+    sizes = [16, 32, 64]
+    h = C.held_out_stop(sizes, losses_by_size([1.0, 0.8, 0.7]), [1.0, 0.8, 0.7], n_boot=200)
+    assert h.size is None and h.improving_steps == [True, True]
+
+
+def test_document_bootstrap_is_wider_than_row_bootstrap_for_correlated_rows():
+    rng = np.random.default_rng(0)
+    docs = np.repeat(np.arange(40), 100)  # 40 documents of 100 tokens, the improvement varies by document
+    diff = rng.normal(0.01, 0.05, 40)[docs] + rng.normal(0, 0.01, docs.size)
+    base = np.full(docs.size, 1.0)
+    _, by_row = C.paired_improvement(base, base - diff, n_boot=400, seed=1)
+    _, by_doc = C.paired_improvement(base, base - diff, n_boot=400, seed=1, groups=docs)
+    assert by_doc.std() > 3 * by_row.std()
