@@ -161,3 +161,109 @@ def test_document_bootstrap_is_wider_than_row_bootstrap_for_correlated_rows():
     _, by_row = C.paired_improvement(base, base - diff, n_boot=400, seed=1)
     _, by_doc = C.paired_improvement(base, base - diff, n_boot=400, seed=1, groups=docs)
     assert by_doc.std() > 3 * by_row.std()
+
+
+# ---- the count table over results files --------------------------------------------------------
+
+
+def write_sweep(path, *, label, n_true=12, d=16, sizes=(4, 8, 16, 32, 64), seeds=(0, 1), sparsities=(0.1,),
+                store_path="store.h5", site="x", store_kind="toy", provenance=None, ground_truth=False,
+                test_rows=300, seed=0):
+    """A results file written by the real writer, from dictionaries with a known structure: each seed
+    holds min(m, n_true) copies of the same n_true directions (cos 0.99) and random atoms beyond;
+    losses fall with m until n_true and stay flat after. Returns the path."""
+    from sparsefeat.results import Member, MemberArrays, Results, write_results
+    rng = np.random.default_rng(seed)
+    truth = random_atoms(n_true, d, 1000 + seed) if n_true else np.zeros((0, d))
+    difficulty = rng.gamma(2.0, 0.5, test_rows)
+    members, arrays = [], {}
+    for sparsity in sparsities:
+        for m in sizes:
+            for s in seeds:
+                k = min(m, n_true)
+                dec = np.concatenate([near(truth[:k], 0.99, 10 * s + m), random_atoms(m - k, d, 7 + 100 * s + m)])
+                level = 0.1 + 0.9 * (1 - k / n_true) if n_true else 1.0 / (1 + 0.01 * m)
+                test_mse = level * (1 + sparsity)
+                mid = f"s{sparsity:g}-m{m}-seed{s}"
+                metrics = {split: dict(mse=test_mse * f, fvu=test_mse * f * 1.1, l1=1.0, loss=test_mse * f,
+                                       l0=3.0 / (1 + sparsity) + 0.01 * m, dead_fraction=0.5 * (m > 2 * n_true),
+                                       shrinkage=0.9, rows=test_rows)
+                           for split, f in (("train", 1 - 0.001 * m), ("test", 1.0))}
+                signals = dict(mmcs_next=0.5 + 0.005 * m, mmcs_next_hungarian=math.nan, share_next_0_9=math.nan,
+                               shared_seed=k / m, mmcs_gt=(0.5 + 0.5 * k / n_true) if ground_truth else math.nan,
+                               recovered_gt=math.nan)
+                members.append(Member(mid, "relu-l1", m, "l1", sparsity, s, metrics, signals,
+                                      {"train": np.array([[0, 1.0], [10, test_mse]]), "test": np.array([[10, test_mse]])}))
+                freq = np.full(m, 0.05)
+                arrays[mid] = MemberArrays(encoder=dec, encoder_bias=np.zeros(m), decoder=dec,
+                                           decoder_bias=np.zeros(d),
+                                           row_sse={"test": test_mse * difficulty, "train": test_mse * difficulty},
+                                           frequency={"test": freq, "train": freq})
+    results = Results(path=path, label=label, site=site, d=d, store_path=str(store_path), store_kind=store_kind,
+                      store_provenance=provenance or {}, store_hash="0" * 8, config={}, members=members,
+                      ground_truth=truth if ground_truth else None)
+    return write_results(path, results, arrays)
+
+
+@pytest.fixture
+def study_files(tmp_path):
+    """A toy with ground truth, its matched null, a control, and a model's layers 0 and 3 with a
+    random-init twin, all as results files whose relations are only in their provenance."""
+    st = tmp_path / "stores"
+    minilm = dict(model="m", random_init=False, layers=[0, 3])
+    files = [
+        write_sweep(tmp_path / "toy.h5", label="sparse", n_true=12, store_path=st / "sparse.h5",
+                    provenance=dict(generator="sparse", params=dict(n_features=12, d=16)), ground_truth=True),
+        write_sweep(tmp_path / "null.h5", label="sparse-null", n_true=0, store_path=st / "null.h5",
+                    provenance=dict(generator="matched", source=dict(path=str(st / "sparse.h5"), site="x"))),
+        write_sweep(tmp_path / "gmm.h5", label="gmm", n_true=5, store_path=st / "gmm.h5",
+                    provenance=dict(generator="gmm", params=dict(k=5, d=16))),
+        write_sweep(tmp_path / "l0.h5", label="m/resid_0", n_true=6, site="resid_0", store_kind="model",
+                    store_path=st / "m.h5", provenance=minilm),
+        write_sweep(tmp_path / "l3.h5", label="m/resid_3", n_true=20, site="resid_3", store_kind="model",
+                    store_path=st / "m.h5", provenance=minilm, sizes=(4, 8, 16, 32, 64, 128)),
+        write_sweep(tmp_path / "r3.h5", label="r/resid_3", n_true=9, site="resid_3", store_kind="model",
+                    store_path=st / "r.h5", provenance=dict(minilm, random_init=True)),
+    ]
+    return files
+
+
+def test_count_table_infers_roles_and_controls_from_provenance(study_files):
+    counts = C.count_results(study_files, C.CountConfig(bootstrap=100))
+    by = {c.label: c for c in counts}
+    assert [by[x].role for x in ("sparse", "sparse-null", "gmm", "m/resid_0", "m/resid_3", "r/resid_3")] == \
+        ["toy", "null", "control", "model", "model", "random-init"]
+    toy = by["sparse"]
+    assert toy.expected == 12 and toy.saturation.estimate == 12 and toy.saturation.size == 16
+    assert toy.comparisons["null"].against == "sparse-null" and toy.comparisons["null"].excess == 12
+    assert toy.comparisons["control gmm"].excess == 12 - 5
+    layer = by["m/resid_3"]
+    assert layer.saturation.estimate == 20
+    assert layer.comparisons["layer 0"].excess == 20 - 6
+    assert layer.comparisons["random init"].excess == 20 - 9
+    assert layer.comparisons["random init"].common_size == 64
+    assert "layer 0" not in by["m/resid_0"].comparisons and "null" not in by["gmm"].comparisons
+    # the held-out stop: test loss is flat beyond the true count while the train loss keeps falling
+    assert toy.held_out.size == 16 and toy.held_out.train_still_falls
+    # by-size numbers are the seed means of the members' metrics
+    row = toy.sizes[1]
+    assert row.size == 8 and row.seeds == 2 and row.reproduced == 8
+    assert row.gap == pytest.approx(row.test_mse - row.train_mse)
+    assert row.mmcs_gt == pytest.approx(0.5 + 0.5 * 8 / 12, abs=1e-6)
+
+
+def test_count_says_no_saturation_instead_of_inventing_a_number(tmp_path):
+    path = write_sweep(tmp_path / "grow.h5", label="grow", n_true=200, sizes=(8, 16, 32, 64))
+    (c,) = C.count_results([path], C.CountConfig(bootstrap=100))
+    assert c.saturation.estimate is None and c.saturation.lower_bound == 64
+    assert c.estimate_text() == "no saturation up to m=64 (>64)"
+    assert c.held_out.size is None
+
+
+def test_count_json_is_strict_json(study_files):
+    import json
+    out = C.to_json(C.count_results(study_files, C.CountConfig(bootstrap=100)))
+    text = json.dumps(out, allow_nan=False)
+    toy = next(x for x in json.loads(text) if x["label"] == "sparse")
+    assert toy["comparisons"]["null"]["within_noise"] is False
+    assert toy["sizes"][-1]["mmcs_next"] == pytest.approx(0.5 + 0.005 * 64, abs=1e-6)
