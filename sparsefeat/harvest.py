@@ -66,9 +66,10 @@ class HarvestConfig:
     max_documents: int | None = field(default=None, metadata={"help": "use only the first N documents"})
     max_length: int = field(default=256, metadata={
         "help": "context length in tokens; longer documents are cut into consecutive windows"})
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
-    block_tokens: int = field(default=2048, metadata={
-        "help": "documents are committed in blocks of about this many tokens (whole documents)"})
+    batch_size: int = field(default=32, metadata={"help": "windows per forward pass (the longest together)"})
+    block_tokens: int = field(default=8192, metadata={
+        "help": "documents are committed in blocks of about this many tokens (whole documents); "
+                "memory holds one block of activations"})
     dtype: str = field(default="float32", metadata={
         "help": "storage precision", "choices": ["float16", "float32"]})
     device: str = field(default="auto", metadata={"help": "torch device, or auto (cuda if available)"})
@@ -182,7 +183,7 @@ def _resolve_model(name: str) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise HarvestError(f"{name}: not a transformers model folder (no config.json)")
         return name, str(path)
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
         raise HarvestError(f"{name}: no such model folder")
     return name, name
 
@@ -218,9 +219,12 @@ def load_model(name: str = "minilm", *, random_init: bool = False, init_seed: in
                     torch.manual_seed(init_seed)
                     model = AutoModel.from_config(config, dtype=torch.float32)
             else:
-                model = AutoModel.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+                model, info = AutoModel.from_pretrained(path, config=config, local_files_only=True,
+                                                        dtype=torch.float32, output_loading_info=True)
         except Exception as e:  # unknown architectures, missing or corrupt weights
             raise HarvestError(f"{name}: cannot load the model ({_first_line(e)})") from None
+    if not random_init:
+        _check_all_weights_loaded(name, info)
     model.eval().requires_grad_(False).to(dev)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=label, path=path, n_layers=-1, width=-1,
                          random_init=random_init, init_seed=init_seed if random_init else None, device=dev)
@@ -229,6 +233,18 @@ def load_model(name: str = "minilm", *, random_init: bool = False, init_seed: in
     loaded.n_layers = len(probe.hidden_states) - 1
     loaded.width = int(probe.hidden_states[0].shape[-1])
     return loaded
+
+
+def _check_all_weights_loaded(name: str, info: dict) -> None:
+    """transformers only warns when checkpoint tensors are missing or mis-shaped and fills them with
+    random values; a partly random "trained" model would corrupt every comparison, so refuse it.
+    A pooler head is exempt: it is not on the path to any hidden state."""
+    bad = sorted(str(k[0] if isinstance(k, tuple) else k)
+                 for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
+                 if "pooler" not in str(k))
+    if bad:
+        raise HarvestError(f"{name}: {len(bad)} weights are missing from the checkpoint or have another shape "
+                           f"(e.g. {', '.join(bad[:3])}); it does not fit this architecture")
 
 
 def _probe_token(tokenizer) -> int:
@@ -430,26 +446,31 @@ class Block:
     stop: int
     windows: list[Window]
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(w.ids) for w in self.windows)
-
 
 def iter_blocks(corpus: Corpus, tokenizer, *, start: int, stop: int, max_length: int, block_tokens: int,
-                tokenize_docs: int = 256) -> Iterator[Block]:
-    """Consecutive documents gathered until their windows hold at least `block_tokens` tokens.
+                rows_wanted: Callable[[], int | None] = lambda: None, tokenize_docs: int = 256) -> Iterator[Block]:
+    """Consecutive documents gathered until their windows hold at least `block_tokens` tokens, or at
+    least `rows_wanted()` tokens when that is smaller (so a `max_tokens` run stops within about one
+    document of its target instead of one block).
 
-    Grouping is greedy from `start`, so a run resumed at a block boundary forms exactly the blocks
-    the uninterrupted run formed (tokenizing in chunks of `tokenize_docs` does not change that)."""
-    block = Block(start, start, [])
+    Grouping is greedy from `start` and `rows_wanted()` is asked at each block boundary, where a
+    resumed run has committed exactly what the uninterrupted run had: both form the same blocks.
+    Tokenizing in chunks of `tokenize_docs` documents does not change a document's windows."""
+    def limit() -> int:
+        wanted = rows_wanted()
+        return block_tokens if wanted is None else max(1, min(block_tokens, wanted))
+
+    block, tokens, target = Block(start, start, []), 0, None
     for chunk in range(start, stop, tokenize_docs):
         chunk_stop = min(chunk + tokenize_docs, stop)
         for doc_windows in tokenize_documents(tokenizer, corpus.documents[chunk:chunk_stop], chunk, max_length):
+            target = limit() if target is None else target
             block.stop += 1
             block.windows += doc_windows
-            if block.tokens >= block_tokens:
+            tokens += sum(len(w.ids) for w in doc_windows)
+            if tokens >= target:
                 yield block
-                block = Block(block.stop, block.stop, [])
+                block, tokens, target = Block(block.stop, block.stop, []), 0, None
     if block.stop > block.first:
         yield block
 
@@ -525,6 +546,8 @@ def block_rows(loaded: LoadedModel, block: Block, *, layers: Sequence[int], modu
         ids, mask, special = pad_batch([block.windows[i] for i in batch], pad_id)
         keep = mask.numpy().astype(bool) & (keep_special | ~special)
         keep_t = torch.from_numpy(keep).to(loaded.device)
+        if capture is not None:
+            capture.output = None  # never reuse the previous batch's output
         out = _forward(loaded, ids, mask, hidden_states=bool(layers))
         found = {f"resid_{L}": out.hidden_states[L] for L in layers}
         if module:
@@ -669,8 +692,11 @@ def _write_blocks(writer: StoreWriter, loaded: LoadedModel, corpus: Corpus, conf
                disable=not progress, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     try:
-        for block in iter_blocks(corpus, loaded.tokenizer, start=start, stop=n_docs,
-                                 max_length=config.max_length, block_tokens=config.block_tokens):
+        def rows_wanted() -> int | None:
+            return None if config.max_tokens is None else config.max_tokens - writer.committed_rows
+
+        for block in iter_blocks(corpus, loaded.tokenizer, start=start, stop=n_docs, max_length=config.max_length,
+                                 block_tokens=config.block_tokens, rows_wanted=rows_wanted):
             # Checked before each block, against committed rows, so a resumed run stops where
             # an uninterrupted one does: after the block that reaches max_tokens.
             if config.max_tokens is not None and writer.committed_rows >= config.max_tokens:

@@ -209,6 +209,16 @@ def test_causal_lm_and_module_hook(tmp_path, tiny_gpt2, corpus_file):
                 np.testing.assert_allclose(stored["h.0.mlp"][window], mlp_out[0][0].numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_module_only_store_of_a_block_output(tmp_path, tiny_gpt2, corpus_file):
+    common = dict(model=str(tiny_gpt2), corpus=[str(corpus_file)], max_length=16, device="cpu")
+    only = harvest(HarvestConfig(layers=[], module="h.0", **common), tmp_path / "m.h5", progress=False)
+    resid = harvest(HarvestConfig(layers=[1], **common), tmp_path / "r.h5", progress=False)
+    with ActivationStore(only) as a, ActivationStore(resid) as b:
+        assert a.sites == ["h.0"] and a.provenance["layers"] == []
+        np.testing.assert_array_equal(a.load("h.0").numpy(), b.load("resid_1").numpy())  # block 0 out = state 1
+        np.testing.assert_array_equal(a.tokens()["ids"], b.tokens()["ids"])
+
+
 def test_random_init_differs_from_trained_and_is_reproducible_by_seed(tmp_path, corpus_file, minilm_store):
     def run(name, init_seed):
         cfg = HarvestConfig(corpus=[str(corpus_file)], layers=[0, 6], random_init=True, init_seed=init_seed,
@@ -257,6 +267,15 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, kill_after_c
     with ActivationStore(whole) as s:
         assert s.complete and 3000 <= s.n_rows() < 3000 + 400  # stopped after the block that reached it
         assert len(s.documents_test()) < 60
+
+
+def test_max_tokens_stops_within_one_document_of_the_target(tmp_path, tiny_gpt2, corpus_file):
+    cfg = HarvestConfig(model=str(tiny_gpt2), corpus=[str(corpus_file)] * 3, layers=[1], max_tokens=100,
+                        max_length=16, device="cpu")
+    with ActivationStore(harvest(cfg, tmp_path / "s.h5", progress=False)) as s:
+        doc = s.tokens()["doc"]
+        assert s.n_rows() >= 100 and np.sum(doc < doc.max()) < 100
+        assert len(s.documents_test()) == doc.max() + 1 < 3 * len(TEXTS)
 
 
 def test_provenance_records_model_corpus_and_options(minilm_store, corpus_file):
@@ -353,6 +372,16 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, capsys, extra, messa
     assert code == 2 and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists() and not partial_path(out).exists()
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, tiny_gpt2, capsys):
+    import shutil
+    folder = shutil.copytree(tiny_gpt2, tmp_path / "three-layers")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 3}))  # the weights hold 2 blocks
+    code, _, err = run_cli(capsys, "--model", folder, "--no-progress", "--out", tmp_path / "s.h5")
+    assert code == 2 and "weights are missing from the checkpoint" in err and "h.2." in err
+    assert not (tmp_path / "s.h5").exists()
 
 
 def test_cli_harvest_writes_a_store_and_refuses_to_overwrite(tmp_path, capsys, tiny_gpt2, corpus_file):
