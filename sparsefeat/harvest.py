@@ -712,8 +712,8 @@ def _write_blocks(writer: StoreWriter, loaded: LoadedModel, corpus: Corpus, conf
             writer.append(rows.sites, test=doc_test[rows.doc - block.first],
                           tokens=dict(doc=rows.doc, pos=rows.pos, ids=rows.ids), documents_test=doc_test)
             seen += rows.tokens_seen
-            bar.update(block.stop - block.first)
             bar.set_postfix_str(f"{seen / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s, "
                                 f"{writer.committed_rows:,} rows", refresh=False)
+            bar.update(block.stop - block.first)  # redraws with the postfix above
     finally:
         bar.close()

@@ -42,8 +42,9 @@ def datasets(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def doc_rows(store: ActivationStore, doc: int) -> np.ndarray:
-    return np.flatnonzero(store.tokens()["doc"] == doc)
+def doc_rows(tokens: dict, doc: int) -> np.ndarray:
+    """Indices of the rows of one document (tokens as from ActivationStore.tokens())."""
+    return np.flatnonzero(tokens["doc"] == doc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_minilm_rows_are_the_models_embeddings_and_last_hidden_state(minilm_stor
         resid0, resid3, resid6 = (s.load(f"resid_{L}").numpy() for L in (0, 3, 6))
         tokens = s.tokens()
         for doc, text in enumerate(TEXTS):
-            rows = doc_rows(s, doc)
+            rows = doc_rows(tokens, doc)
             ref0, ref3, ref6, ids = [], [], [], []
             for window in reference_windows(tokenizer, text, 32):
                 x = torch.tensor([window])
@@ -136,15 +137,11 @@ def test_special_tokens_absent_and_positions_are_what_the_model_saw(minilm_store
     with ActivationStore(minilm_store) as s:
         t = s.tokens()
     assert not np.isin(t["ids"], tokenizer.all_special_ids).any()
-    first = doc_rows_from(t, 0)
+    first = doc_rows(t, 0)
     assert t["pos"][first].tolist() == list(range(1, len(first) + 1))  # position 0 is [CLS]
-    long_doc = doc_rows_from(t, 4)
+    long_doc = doc_rows(t, 4)
     assert t["pos"][long_doc].max() == 30  # windows of 32 positions: [CLS] + 30 tokens + [SEP]
     assert np.all(np.diff(t["doc"]) >= 0)  # rows in document order
-
-
-def doc_rows_from(tokens: dict, doc: int) -> np.ndarray:
-    return np.flatnonzero(tokens["doc"] == doc)
 
 
 def test_every_document_wholly_in_one_split(minilm_store):
@@ -195,7 +192,7 @@ def test_causal_lm_and_module_hook(tmp_path, tiny_gpt2, corpus_file):
         stored = {site: s.load(site).numpy() for site in s.sites}
         for doc, text in enumerate(TEXTS):
             ids = tok(text)["input_ids"]
-            rows = doc_rows_from(t, doc)
+            rows = doc_rows(t, doc)
             np.testing.assert_array_equal(t["ids"][rows], ids)  # a causal LM adds no special tokens
             for start in range(0, len(ids), 16):  # windows of 16 positions, each starting at 0
                 window = rows[start:start + 16]
