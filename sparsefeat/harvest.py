@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import SparsefeatError
@@ -640,8 +641,6 @@ def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = Fal
     by document. `resume=True` continues a killed harvest at its first uncommitted block and ends
     with the same store an uninterrupted run writes. Returns the path of the finished store.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if out.exists() and not force and not resume:
         raise HarvestError(f"{out}: already exists; pass --force to overwrite it")
@@ -668,7 +667,7 @@ def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = Fal
         with StoreWriter(out, sites=sites, provenance=provenance, kind="model", dtype=config.dtype,
                          units="model hidden units", split_unit="document", test_fraction=config.test_fraction,
                          split_seed=config.seed, tokens=True, resume=resume, force=force) as writer:
-            _write_blocks(writer, loaded, corpus, config, layers, capture, n_docs, progress, tqdm)
+            _write_blocks(writer, loaded, corpus, config, layers, capture, n_docs, progress)
     finally:
         if handle is not None:
             handle.remove()
@@ -686,7 +685,7 @@ def _check_max_length(loaded: LoadedModel, max_length: int) -> None:
 
 
 def _write_blocks(writer: StoreWriter, loaded: LoadedModel, corpus: Corpus, config: HarvestConfig,
-                  layers: list[int], capture: _Capture | None, n_docs: int, progress: bool, tqdm) -> None:
+                  layers: list[int], capture: _Capture | None, n_docs: int, progress: bool) -> None:
     start = writer.committed_docs
     bar = tqdm(total=n_docs, initial=start, unit="doc", desc=f"harvest {Path(writer.path).name}",
                disable=not progress, dynamic_ncols=True)

@@ -18,7 +18,7 @@ import torch
 
 from sparsefeat.cli import main
 from sparsefeat.errors import SparsefeatError
-from sparsefeat.harvest import (HarvestConfig, HarvestError, default_corpus, harvest, load_corpus, load_model,
+from sparsefeat.harvest import (HarvestConfig, HarvestError, default_corpus, harvest, load_corpus,
                                 minilm_path)
 from sparsefeat.store import ActivationStore, partial_path
 
