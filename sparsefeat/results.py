@@ -308,6 +308,33 @@ def _read_member(g: h5py.Group) -> Member:
                   metrics=metrics, signals=signals, curves=curves)
 
 
+def summary_table(r: Results) -> str:
+    """A plain-text table by dictionary size: train and test loss, test L0 and dead fraction, MMCS with
+    the next size (and with the ground truth, and cross-seed shared fraction, where the file has them)."""
+    has_gt = any(not math.isnan(m.signals.get("mmcs_gt", math.nan)) for m in r.members)
+    has_seeds = any(not math.isnan(m.signals.get("shared_seed", math.nan)) for m in r.members)
+    name = r.members[0].sparsity_name if r.members else "sparsity"
+    cols = [("size", 7), (name, 8), ("seed", 5), ("train loss", 11), ("test loss", 11), ("test L0", 9),
+            ("dead", 7), ("MMCS next", 10)] + ([("MMCS gt", 8)] if has_gt else []) + \
+        ([("shared seeds", 13)] if has_seeds else [])
+    lines = [f"{r.label}: {len(r.members)} members, losses in normalised units (scale {r.normalisation_scale:.4g})",
+             "".join(f"{c:>{w}}" for c, w in cols)]
+    for m in sorted(r.members, key=lambda m: (m.sparsity, m.seed, m.dictionary_size)):
+        tr, te = m.metrics.get("train", {}), m.metrics.get("test", {})
+        cells = [str(m.dictionary_size), f"{m.sparsity:g}", str(m.seed), _num(tr.get("loss")), _num(te.get("loss")),
+                 _num(te.get("l0"), ".2f"), _num(te.get("dead_fraction"), ".3f"), _num(m.signals.get("mmcs_next"), ".3f")]
+        if has_gt:
+            cells.append(_num(m.signals.get("mmcs_gt"), ".3f"))
+        if has_seeds:
+            cells.append(_num(m.signals.get("shared_seed"), ".3f"))
+        lines.append("".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
+    return "\n".join(lines)
+
+
+def _num(v, fmt: str = ".4g") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
 def _json_ready(obj):
     """NaN/inf become None so the dict is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):

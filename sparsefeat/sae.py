@@ -1,0 +1,327 @@
+"""Sparse autoencoder architectures: a registry of classes, each training a stack of dictionaries.
+
+A class holds G members of the same dictionary size m that see the same batches (the members of a
+sweep that differ only in sparsity or seed). Every parameter has a leading member axis:
+
+    encoder [G, m, d]   encoder_bias [G, m]   decoder [G, m, d] (rows = unit-norm atoms)   decoder_bias [G, d]
+
+Stacking only batches independent computations: member g's numbers are computed with the same
+operations whether it trains in a stack of one or of twenty (on CPU the results were bit-identical in
+every case we measured; the tests check them to float tolerance), and its loss gradient touches only
+its own slice. One big matmul or
+`bmm` per step instead of G small ones is what makes a sweep of small dictionaries fast.
+
+Conventions, for every architecture:
+- Inputs are in normalised units (the trainer scales them; see train.py).
+- MSE = (1/B) Σ_b ‖x_b − x̂_b‖² (summed over dimensions, averaged over rows).
+- Decoder rows are held at unit norm: after backward the gradient component parallel to each row is
+  removed (`after_backward`), and after the optimiser step rows are renormalised (`after_step`).
+- A member's initial weights depend only on (seed, m, d): not on its sparsity setting nor its position
+  in the sweep, so members that differ only in sparsity start from the same weights.
+
+Adding an architecture: subclass `SAE`, set `name` and `sparsity_name`, implement `activation`
+(pre-activations -> codes) and, if needed, `pre_activations`, `auxiliary_loss` and `penalty`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+ARCHITECTURES: dict[str, type["SAE"]] = {}
+
+
+@dataclass
+class SAEOptions:
+    """Architecture options shared by every member of a sweep (the single source of their defaults)."""
+
+    decoder_init: str = field(default="normal", metadata={
+        "help": "initial decoder atoms: 'normal' (Gaussian rows, normalised) or 'orthogonal' "
+                "(rows of a random orthogonal matrix; for m > d a tight frame), always unit norm",
+        "choices": ("normal", "orthogonal")})
+    encoder_init: str = field(default="transpose", metadata={
+        "help": "initial encoder: 'transpose' (the decoder's transpose, as Gao et al.) or 'random' "
+                "(uniform in ±1/sqrt(d), as torch.nn.Linear)", "choices": ("transpose", "random")})
+    pre_bias: str = field(default="median", metadata={
+        "help": "initial decoder bias (topk: the bias b subtracted before encoding): 'none' (zeros), "
+                "'mean' or 'median' (geometric median) of a sample of training rows",
+        "choices": ("none", "mean", "median")})
+    decoder_bias: bool = field(default=True, metadata={
+        "help": "relu-l1: learn a decoder bias (x̂ = W_d c + b); off gives the report's x̂ = W_d c"})
+    l1_reduction: str = field(default="sum", metadata={
+        "help": "relu-l1: the L1 term of a row is the 'sum' of |c| over latents (α·mean_b‖c_b‖₁), or the "
+                "'mean' over latents (α·mean_b‖c_b‖₁/m, the public replication's choice)",
+        "choices": ("sum", "mean")})
+    auxk_alpha: float = field(default=1 / 32, metadata={"help": "topk: weight of the AuxK loss on dead latents"})
+    auxk_k: int = field(default=0, metadata={"help": "topk: latents used by AuxK (0: d/2, at most m)"})
+    auxk_dead_rows: int = field(default=200_000, metadata={
+        "help": "topk: a latent is dead (and trained by AuxK) after this many training rows without firing"})
+
+    def __post_init__(self):
+        for name in ("decoder_init", "encoder_init", "pre_bias", "l1_reduction"):
+            choices = SAEOptions.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if self.auxk_alpha < 0 or self.auxk_k < 0 or self.auxk_dead_rows <= 0:
+            raise ValueError("auxk_alpha and auxk_k must be >= 0 and auxk_dead_rows > 0")
+
+
+def member_generator(seed: int, size: int, d: int) -> torch.Generator:
+    """The CPU random generator of one member's initial weights: a function of (seed, m, d) only."""
+    state = np.random.SeedSequence([int(seed), int(size), int(d)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def geometric_median(x: torch.Tensor, iterations: int = 100, tol: float = 1e-7) -> torch.Tensor:
+    """The point minimising Σ_i ‖x_i − z‖ (Weiszfeld's algorithm in float64), shape [d]."""
+    x = x.double()
+    z = x.mean(0)
+    for _ in range(iterations):
+        w = 1.0 / (x - z).norm(dim=1).clamp_min(1e-12)
+        z_new = (w[:, None] * x).sum(0) / w.sum()
+        if (z_new - z).norm() <= tol * z.norm().clamp_min(1e-12):
+            return z_new.float()
+        z = z_new
+    return z.float()
+
+
+def pre_bias(sample: torch.Tensor, kind: str) -> torch.Tensor:
+    """The initial decoder bias from a sample of (normalised) training rows."""
+    if kind == "none":
+        return torch.zeros(sample.shape[1])
+    if kind == "mean":
+        return sample.double().mean(0).float()
+    return geometric_median(sample)
+
+
+def initial_weights(d: int, size: int, seed: int, options: SAEOptions) -> dict[str, torch.Tensor]:
+    """One member's initial encoder [m, d] and decoder [m, d] (unit rows), on CPU."""
+    g = member_generator(seed, size, d)
+    if options.decoder_init == "orthogonal":
+        decoder = torch.nn.init.orthogonal_(torch.empty(size, d), generator=g)
+    else:
+        decoder = torch.randn(size, d, generator=g)
+    decoder = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if options.encoder_init == "transpose":
+        encoder = decoder.clone()
+    else:
+        bound = 1.0 / d ** 0.5
+        encoder = torch.empty(size, d).uniform_(-bound, bound, generator=g)
+    return dict(encoder=encoder, decoder=decoder)
+
+
+class SAE(torch.nn.Module):
+    """A stack of G same-size sparse autoencoders (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    sparsity_name: ClassVar[str] = ""  # what the per-member sparsity setting is: "l1" or "k"
+    has_decoder_bias: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            ARCHITECTURES[cls.name] = cls
+
+    def __init__(self, d: int, size: int, sparsities: list[float], seeds: list[int], options: SAEOptions,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(sparsities) != len(seeds) or not seeds:
+            raise ValueError("one sparsity setting per seed, at least one member")
+        self.d, self.size, self.options = d, size, options
+        self.sparsities, self.seeds = [float(s) for s in sparsities], [int(s) for s in seeds]
+        inits = [initial_weights(d, size, s, options) for s in seeds]
+        G = len(seeds)
+        self.encoder = torch.nn.Parameter(torch.stack([w["encoder"] for w in inits]))
+        self.encoder_bias = torch.nn.Parameter(torch.zeros(G, size))
+        self.decoder = torch.nn.Parameter(torch.stack([w["decoder"] for w in inits]))
+        b = torch.zeros(G, d) if bias is None else bias.float().reshape(1, d).repeat(G, 1)
+        if self.uses_decoder_bias():
+            self.decoder_bias = torch.nn.Parameter(b)
+        else:
+            self.register_buffer("decoder_bias", torch.zeros(G, d))
+        self.register_buffer("sparsity", torch.tensor(self.sparsities))
+
+    def uses_decoder_bias(self) -> bool:
+        return self.has_decoder_bias
+
+    @property
+    def members(self) -> int:
+        return self.encoder.shape[0]
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [G, B, m]: W_e x + b_e for every member, in one batched matmul.
+
+        (One [B, d] x [d, G·m] matmul is no faster on CPU, and its rounding depends on G for small m;
+        `bmm` computes each member's slice exactly as a stack of one would.)"""
+        G = self.encoder.shape[0]
+        return torch.baddbmm(self.encoder_bias[:, None, :], x.expand(G, -1, -1), self.encoder.transpose(1, 2))
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """[G, B, m] pre-activations -> codes."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_activations(x))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """[G, B, m] -> [G, B, d]: x̂ = W_d c + b."""
+        return torch.baddbmm(self.decoder_bias[:, None, :], codes, self.decoder)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+    # -- losses (all per member, shape [G]) --------------------------------------------------------
+
+    def penalty(self, codes: torch.Tensor) -> torch.Tensor:
+        """The sparsity term of the objective, per member; zero for architectures without one."""
+        return torch.zeros(codes.shape[0], device=codes.device)
+
+    def losses(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """mse, penalty and loss = mse + penalty, per member (the objective, without auxiliary terms)."""
+        mse = (x_hat.float() - x).pow(2).sum(-1).mean(-1)
+        penalty = self.penalty(codes)
+        return dict(mse=mse, penalty=penalty, loss=mse + penalty)
+
+    def auxiliary_loss(self, x, x_hat, pre, codes) -> torch.Tensor | None:
+        """Training-only extra terms (e.g. AuxK), per member; None when there are none. Called once per
+        training step, so it may also update training-time state (topk's dead-latent counters)."""
+        return None
+
+    def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over members of the training loss, to backpropagate; detached objective per member)."""
+        pre = self.pre_activations(x)
+        codes = self.activation(pre)
+        x_hat = self.decode(codes)
+        loss = self.losses(x, x_hat, codes)["loss"]
+        aux = self.auxiliary_loss(x, x_hat, pre, codes)
+        total = loss.sum() if aux is None else (loss + aux).sum()
+        return total, loss.detach()
+
+    # -- the unit-norm constraint ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Remove the gradient component parallel to each decoder row (it would only change its norm)."""
+        g, w = self.decoder.grad, self.decoder
+        if g is not None:
+            g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Renormalise decoder rows to unit norm after the optimiser step."""
+        self.decoder.div_(self.decoder.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def on_log(self) -> None:
+        """Called at logging intervals (where the host may synchronise); for slow-changing state."""
+
+    # -- export ----------------------------------------------------------------------------------
+
+    def member_weights(self, g: int) -> dict[str, np.ndarray]:
+        """Member g's weights as float32 numpy arrays (decoder rows = unit-norm atoms)."""
+        return {name: getattr(self, name)[g].detach().float().cpu().numpy()
+                for name in ("encoder", "encoder_bias", "decoder", "decoder_bias")}
+
+
+class ReluL1(SAE):
+    """The report's SAE: c = ReLU(W_e x + b_e), x̂ = W_d c (+ b if `decoder_bias`), untied weights.
+
+    loss = MSE + α · L1, L1 = (1/B) Σ_b ‖c_b‖₁ (`l1_reduction="sum"`, the default) or that divided by
+    m (`"mean"`, the public replication's choice). Decoder rows have unit norm, so ‖c‖₁ cannot shrink
+    by growing atoms.
+
+    Why "sum" is the default: what makes one α mean the same at every size is that both terms are in
+    the units of the (normalised) data and independent of m. Once m exceeds the number of features,
+    a sparse code of a row needs the same ‖c‖₁ whatever m is, so the per-row sum keeps the trade-off
+    fixed; dividing by m weakens the penalty m-fold, and larger dictionaries become much denser. On
+    the `sparse` toy (64 features in d = 32, 5 active; 5000 steps) with "sum" and α = 0.4 the test
+    L0 was 4.1, 5.4, 6.3 at m = 64, 128, 256; with "mean" and α = 30 (the same penalty at m = 64),
+    4.5, 11.7, 28 (2000 steps), and MMCS with the truth fell from 0.95 to 0.70 at m = 256.
+    """
+
+    name = "relu-l1"
+    sparsity_name = "l1"
+
+    def uses_decoder_bias(self) -> bool:
+        return self.options.decoder_bias
+
+    def activation(self, pre):
+        return pre.relu()
+
+    def penalty(self, codes):
+        l1 = codes.float().sum(-1).mean(-1)  # codes ≥ 0 after ReLU, so Σ c = ‖c‖₁
+        if self.options.l1_reduction == "mean":
+            l1 = l1 / self.size
+        return self.sparsity * l1
+
+
+class TopK(SAE):
+    """Gao et al. (2024): z = TopK(ReLU(W_e (x − b) + b_e)), x̂ = W_d z + b, loss = MSE (+ AuxK).
+
+    TopK keeps the k largest pre-activations of each row (ReLU applied, so codes are ≥ 0 and L0 ≤ k).
+    AuxK: latents that have not fired for `auxk_dead_rows` training rows are dead; the k_aux largest
+    dead pre-activations reconstruct the residual e = x − x̂ (detached):
+    L_aux = mean_b ‖e_b − W_d z_aux,b‖² / mean_b ‖e_b‖², added with weight `auxk_alpha`.
+    Whether any latent is dead is checked at logging intervals only, so the step loop never waits for
+    the device; AuxK runs from the next interval on.
+    """
+
+    name = "topk"
+    sparsity_name = "k"
+
+    def __init__(self, d, size, sparsities, seeds, options, bias=None):
+        ks = [int(k) for k in sparsities]
+        if any(k != s or k < 1 for k, s in zip(ks, sparsities)):
+            raise ValueError(f"topk needs positive whole k, got {sparsities}")
+        super().__init__(d, size, ks, seeds, options, bias)
+        self.ks = [min(k, size) for k in ks]  # k ≥ m keeps every latent: no sparsity, but well defined
+        self.k_max = max(self.ks)
+        self.k_aux = min(options.auxk_k or max(1, d // 2), size)
+        # rank r of member g's top-k list is kept iff r < k_g (members of one stack may differ in k)
+        self.register_buffer("rank_mask", (torch.arange(self.k_max)[None, :] < torch.tensor(self.ks)[:, None])
+                             .float()[:, None, :])
+        self.register_buffer("rows_since_fired", torch.zeros(len(seeds), size, dtype=torch.long))
+        self.auxk_active = False
+
+    def pre_activations(self, x):
+        centred = x[None] - self.decoder_bias[:, None, :]
+        return torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
+
+    def activation(self, pre):
+        same_k = len(set(self.ks)) == 1
+        values, index = pre.relu().topk(self.k_max, dim=-1, sorted=not same_k)
+        if not same_k:
+            values = values * self.rank_mask
+        return torch.zeros_like(pre).scatter_(-1, index, values)
+
+    def auxiliary_loss(self, x, x_hat, pre, codes):
+        with torch.no_grad():
+            self.rows_since_fired.add_(x.shape[0]).masked_fill_((codes > 0).any(dim=1), 0)
+        if not self.auxk_active or self.options.auxk_alpha == 0:
+            return None
+        dead = (self.rows_since_fired >= self.options.auxk_dead_rows)[:, None, :]
+        values, index = (pre.relu() * dead).topk(self.k_aux, dim=-1, sorted=False)
+        e_hat = torch.bmm(torch.zeros_like(pre).scatter_(-1, index, values), self.decoder)
+        e = (x - x_hat).detach().float()
+        aux = (e_hat.float() - e).pow(2).sum(-1).mean(-1) / e.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
+        return self.options.auxk_alpha * aux
+
+    def on_log(self) -> None:
+        self.auxk_active = bool((self.rows_since_fired >= self.options.auxk_dead_rows).any())
+
+    def get_extra_state(self):
+        return {"auxk_active": self.auxk_active}
+
+    def set_extra_state(self, state):
+        self.auxk_active = bool(state["auxk_active"])
+
+
+def architecture(name: str) -> type[SAE]:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[name]

@@ -1,0 +1,164 @@
+"""The architectures: registry, initialisation, the unit-norm constraint, losses, TopK and AuxK, stacking."""
+
+import pytest
+import torch
+
+from sparsefeat.sae import (ARCHITECTURES, SAE, SAEOptions, ReluL1, TopK, architecture, geometric_median,
+                            initial_weights, pre_bias)
+
+D = 6
+
+
+def stack(cls=ReluL1, size=10, sparsities=(0.1, 0.5), seeds=(0, 1), **options):
+    return cls(D, size, list(sparsities), list(seeds), SAEOptions(**options))
+
+
+def test_registry_knows_both_and_a_new_architecture_is_one_class():
+    assert architecture("relu-l1") is ReluL1 and architecture("topk") is TopK
+    with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+        architecture("nope")
+
+    class Identity(SAE):
+        name = "test-linear"
+        sparsity_name = "l1"
+
+        def activation(self, pre):
+            return pre
+
+    try:
+        sae = Identity(D, 4, [0.0], [0], SAEOptions())
+        x_hat, codes = sae(torch.randn(3, D))
+        assert x_hat.shape == (1, 3, D) and codes.shape == (1, 3, 4)
+        assert ARCHITECTURES["test-linear"] is Identity
+    finally:
+        del ARCHITECTURES["test-linear"]
+
+
+def test_initial_weights_depend_on_seed_size_and_width_only():
+    a = initial_weights(D, 10, 3, SAEOptions())
+    assert torch.equal(a["decoder"], initial_weights(D, 10, 3, SAEOptions())["decoder"])
+    assert not torch.equal(a["decoder"], initial_weights(D, 10, 4, SAEOptions())["decoder"])
+    torch.testing.assert_close(a["decoder"].norm(dim=1), torch.ones(10))
+    assert torch.equal(a["encoder"], a["decoder"])  # "transpose": W_e = W_dᵀ in the [m, d] layout
+    # A member's weights do not depend on the other members of its stack, nor on its sparsity.
+    s = stack(sparsities=(0.1, 0.5, 0.9), seeds=(7, 3, 5))
+    alone = stack(sparsities=(0.2,), seeds=(3,))
+    assert torch.equal(s.decoder[1], alone.decoder[0]) and torch.equal(s.encoder[1], alone.encoder[0])
+
+
+def test_orthogonal_and_random_initialisations():
+    w = initial_weights(D, 4, 0, SAEOptions(decoder_init="orthogonal", encoder_init="random"))
+    torch.testing.assert_close(w["decoder"] @ w["decoder"].T, torch.eye(4), atol=1e-5, rtol=0)
+    assert w["encoder"].abs().max() <= 1 / D ** 0.5 and not torch.equal(w["encoder"], w["decoder"])
+    big = initial_weights(D, 3 * D, 0, SAEOptions(decoder_init="orthogonal"))["decoder"]
+    torch.testing.assert_close(big.norm(dim=1), torch.ones(3 * D))
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="pre_bias must be one of"):
+        SAEOptions(pre_bias="mode")
+    with pytest.raises(ValueError, match="auxk_dead_rows"):
+        SAEOptions(auxk_dead_rows=0)
+
+
+def test_relu_l1_forward_and_loss_by_hand():
+    sae = stack(sparsities=(0.5,), seeds=(0,))
+    with torch.no_grad():
+        sae.encoder.copy_(torch.eye(10, D)[None])
+        sae.encoder_bias.fill_(-0.5)
+        sae.decoder.copy_(torch.eye(10, D)[None])
+        sae.decoder_bias.fill_(0.25)
+    x = torch.tensor([[2.0, 0.0, 0.2, 0, 0, 0], [0.0, 1.0, 0, 0, 0, 0]])
+    x_hat, codes = sae(x)
+    assert codes[0].tolist()[0][:3] == [1.5, 0.0, 0.0] and codes[0].tolist()[1][:3] == [0.0, 0.5, 0.0]
+    parts = sae.losses(x, x_hat, codes)
+    # x̂ = c + 0.25 everywhere: row 1 errors (−0.25, 0.25, 0.05, 0.25, 0.25, 0.25), row 2 (0.25, −0.25, 0.25 ×4)
+    mse = ((0.25 ** 2 * 5 + 0.05 ** 2) + 0.25 ** 2 * 6) / 2
+    assert parts["mse"].item() == pytest.approx(mse)
+    assert parts["penalty"].item() == pytest.approx(0.5 * (1.5 + 0.5) / 2)  # α · mean_b ‖c_b‖₁
+    mean = stack(sparsities=(0.5,), seeds=(0,), l1_reduction="mean")
+    mean.load_state_dict(sae.state_dict())
+    assert mean.losses(x, x_hat, codes)["penalty"].item() == pytest.approx(0.5 * 1.0 / 10)  # ÷ m
+    no_bias = stack(sparsities=(0.5,), seeds=(0,), decoder_bias=False)
+    assert "decoder_bias" not in dict(no_bias.named_parameters())
+    assert no_bias(x)[0].shape == (1, 2, D)
+
+
+def test_decoder_rows_stay_unit_norm_and_lose_their_parallel_gradient():
+    torch.manual_seed(0)
+    sae = stack()
+    opt = torch.optim.Adam(sae.parameters(), lr=0.1)
+    for _ in range(5):
+        total, per_member = sae.training_loss(torch.randn(32, D))
+        assert per_member.shape == (2,) and not per_member.requires_grad
+        total.backward()
+        sae.after_backward()
+        parallel = (sae.decoder.grad * sae.decoder).sum(-1)
+        torch.testing.assert_close(parallel, torch.zeros_like(parallel), atol=1e-6, rtol=0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.after_step()
+        torch.testing.assert_close(sae.decoder.norm(dim=-1), torch.ones(2, 10))
+
+
+@pytest.mark.parametrize("cls,sparsities", [(ReluL1, (0.1, 0.5, 0.9)), (TopK, (1, 2, 3))])
+def test_a_stacked_member_computes_what_it_computes_alone(cls, sparsities):
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
+    bias = x.mean(0)
+    many = cls(D, 10, list(sparsities), [0, 1, 2], SAEOptions(), bias)
+    alone = cls(D, 10, [sparsities[2]], [2], SAEOptions(), bias)
+    x_hat, codes = many(x)
+    x_hat1, codes1 = alone(x)
+    torch.testing.assert_close(x_hat[2], x_hat1[0])  # bit-identical on CPU so far; float tolerance is the promise
+    torch.testing.assert_close(codes[2], codes1[0])
+    loss, per = many.training_loss(x)
+    loss1, per1 = alone.training_loss(x)
+    torch.testing.assert_close(per[2], per1[0])
+
+
+def test_topk_keeps_the_k_largest_per_member():
+    sae = stack(TopK, size=10, sparsities=(1, 3), seeds=(0, 1))
+    x = torch.randn(50, D, generator=torch.Generator().manual_seed(0))
+    pre = sae.pre_activations(x).relu()
+    codes = sae.encode(x)
+    assert (codes >= 0).all()
+    for g, k in enumerate((1, 3)):
+        nz = (codes[g] != 0).sum(-1)
+        assert (nz <= k).all() and (nz == torch.clamp((pre[g] > 0).sum(-1), max=k)).all()
+        kth = pre[g].topk(k, dim=-1).values[:, -1:]
+        kept = codes[g] != 0
+        assert (pre[g][kept] >= kth.expand_as(pre[g])[kept]).all()
+        torch.testing.assert_close(codes[g][kept], pre[g][kept])
+    assert stack(TopK, size=4, sparsities=(9,), seeds=(0,)).ks == [4]  # k ≥ m keeps everything
+    with pytest.raises(ValueError, match="positive whole k"):
+        stack(TopK, sparsities=(1.5,), seeds=(0,))
+
+
+def test_auxk_trains_dead_latents_only_once_some_are_dead():
+    sae = stack(TopK, size=12, sparsities=(2,), seeds=(0,), auxk_dead_rows=100, auxk_k=3)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(0))
+    total, loss = sae.training_loss(x)
+    assert torch.equal(total, loss.sum())  # nothing dead yet: objective only
+    fired = (sae.encode(x)[0] != 0).any(0)
+    assert ((sae.rows_since_fired[0] == 0) == fired).all() and (sae.rows_since_fired[0][~fired] == 40).all()
+    with torch.no_grad():
+        sae.rows_since_fired[0, :6] = 0
+        sae.rows_since_fired[0, 6:] = 1000  # latents 6.. are dead
+    sae.on_log()
+    assert sae.auxk_active and sae.get_extra_state() == {"auxk_active": True}
+    total, loss = sae.training_loss(x)
+    assert total > loss.sum()
+    total.backward()
+    dead_rows = sae.decoder.grad[0, 6:].abs().sum(-1)
+    assert (dead_rows > 0).any()
+
+
+def test_geometric_median_and_pre_bias():
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [100.0, 100.0]])
+    med = geometric_median(pts)
+    assert med.norm() < 1.5  # the outlier drags the mean to (20.4, 20.4), not the median
+    torch.testing.assert_close(geometric_median(pts[:4]), torch.tensor([0.5, 0.5]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pre_bias(pts, "mean"), torch.tensor([20.4, 20.4]))
+    assert pre_bias(pts, "none").tolist() == [0.0, 0.0]
+    topk = TopK(2, 4, [1], [0], SAEOptions(), pre_bias(pts, "median"))
+    torch.testing.assert_close(topk.decoder_bias[0], med)

@@ -1,0 +1,359 @@
+"""The sweep trainer end to end: recovery on toy data, train vs test, sweep = solo, resume, bad input,
+and the results file it writes."""
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sparsefeat import metrics as M
+from sparsefeat.cli import main
+from sparsefeat.errors import SparsefeatError
+from sparsefeat.results import SIGNAL_KEYS, load_results, describe
+from sparsefeat.store import ActivationStore, StoreWriter, split_rows
+from sparsefeat.toys import write_toy
+from sparsefeat.train import SweepConfig, checkpoint_path, learning_rate, parse_size, train_sweep
+
+N_FEATURES, D = 64, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These matrices are tiny: one thread is faster and does not fight other processes for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory):
+    return write_toy("sparse", tmp_path_factory.mktemp("toy") / "sparse.h5", n_samples=20000, seed=0,
+                     n_features=N_FEATURES, d=D, mean_active=5.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy_sweep(toy_store, tmp_path_factory):
+    """Sizes n/4 .. 4n, two seeds, one α: the reference experiment of science.md at toy scale."""
+    cfg = SweepConfig(sizes=["16", "1x", "2x", "128", "8x"], l1=[0.6], seeds=[0, 1], steps=4000,
+                      batch_size=256, lr=3e-3, test_curve_points=2)
+    out = tmp_path_factory.mktemp("sweep") / "sweep.h5"
+    return load_results(train_sweep(toy_store, cfg, out, progress=False))
+
+
+def by(results, size, seed=0):
+    return next(m for m in results.members if m.dictionary_size == size and m.seed == seed)
+
+
+# ---- the science -----------------------------------------------------------------------------
+
+
+def test_recovers_ground_truth_once_the_dictionary_is_large_enough(toy_sweep):
+    n = N_FEATURES
+    for seed in (0, 1):
+        for size in (n, 2 * n, 4 * n):
+            assert by(toy_sweep, size, seed).signals["mmcs_gt"] >= 0.95
+        assert by(toy_sweep, n // 4, seed).signals["mmcs_gt"] < 0.8
+        assert by(toy_sweep, n // 4, seed).signals["recovered_gt"] < 0.5
+        assert by(toy_sweep, n, seed).signals["recovered_gt"] >= 0.9
+
+
+def test_dead_latents_appear_above_the_true_count_not_below(toy_sweep):
+    for seed in (0, 1):
+        assert by(toy_sweep, 4 * N_FEATURES, seed).metrics["test"]["dead_fraction"] > 0
+        assert by(toy_sweep, N_FEATURES // 2, seed).metrics["test"]["dead_fraction"] == 0
+        assert by(toy_sweep, N_FEATURES // 2, seed).metrics["train"]["dead_fraction"] == 0
+
+
+def test_seeds_agree_at_the_true_size(toy_sweep):
+    assert by(toy_sweep, N_FEATURES).signals["shared_seed"] >= 0.85
+    assert by(toy_sweep, 4 * N_FEATURES).signals["shared_seed"] < 0.5
+    assert by(toy_sweep, N_FEATURES).signals["mmcs_next"] >= 0.95  # every true feature is in the 2n one
+
+
+def test_train_loss_below_test_loss_with_a_gap_growing_with_size(tmp_path):
+    store = write_toy("sparse", tmp_path / "noisy.h5", n_samples=2000, seed=1, n_features=N_FEATURES, d=D,
+                      mean_active=5.0, noise=0.5, test_fraction=0.5, progress=False)
+    cfg = SweepConfig(sizes=["16", "128", "1024"], l1=[0.3], steps=2000, lr=3e-3, test_curve_points=0)
+    r = load_results(train_sweep(store, cfg, tmp_path / "sweep.h5", progress=False))
+    gaps = []
+    for m in sorted(r.members, key=lambda m: m.dictionary_size):
+        train, test = m.metrics["train"], m.metrics["test"]
+        assert train["rows"] == test["rows"]  # a train sample as large as the test split
+        assert train["loss"] <= test["loss"]
+        gaps.append(test["loss"] - train["loss"])
+    assert gaps[0] < gaps[1] < gaps[2]
+
+
+def test_topk_keeps_k_latents_and_recovers_features(toy_store, tmp_path):
+    cfg = SweepConfig(sizes=["16", "64"], arch="topk", k=[4, 8], steps=1500, lr=3e-3, test_curve_points=0,
+                      model={"auxk_dead_rows": 20000})
+    r = load_results(train_sweep(toy_store, cfg, tmp_path / "topk.h5", progress=False))
+    for m in r.members:
+        assert m.sparsity_name == "k"
+        assert m.metrics["test"]["l0"] <= m.sparsity + 1e-9
+        assert m.metrics["test"]["loss"] == pytest.approx(m.metrics["test"]["mse"])  # no penalty term
+    assert by(r, 64).signals["mmcs_gt"] > by(r, 16).signals["mmcs_gt"] + 0.2
+
+
+# ---- the results file ------------------------------------------------------------------------
+
+
+def test_results_file_holds_what_the_analysis_needs(toy_sweep, toy_store):
+    r = toy_sweep
+    assert r.label == "sparse:x" and r.site == "x" and r.d == D and r.store_kind == "toy"
+    assert r.store_provenance["generator"] == "sparse" and len(r.store_hash) == 16
+    assert r.ground_truth.shape == (N_FEATURES, D)
+    assert len(r.members) == 10 and len(r.table()) == 20
+    assert [m.dictionary_size for m in r.members[:5]] == [16, 32, 64, 128, 256]
+    n_test = ActivationStore(toy_store).n_rows("test")
+    for m in r.members:
+        assert set(m.signals) == set(SIGNAL_KEYS)
+        assert m.metrics["test"]["rows"] == n_test
+        dec = r.decoder(m.id)
+        assert dec.shape == (m.dictionary_size, D)
+        np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-5)
+        assert r.encoder(m.id).shape == (m.dictionary_size, D)
+        for split in ("train", "test"):
+            assert r.row_sse(m.id, split).shape == (n_test,)
+            freq = r.feature_frequency(m.id, split)
+            assert freq.shape == (m.dictionary_size,)
+            assert M.dead_fraction(freq) == pytest.approx(m.metrics[split]["dead_fraction"])
+        assert m.curves["train"].shape == (4000 // 100, 2) and m.curves["test"].shape == (2, 2)
+        assert m.curves["test"][-1, 0] == 4000
+    largest = [m for m in r.members if m.dictionary_size == 256]
+    assert all(math.isnan(m.signals["mmcs_next"]) for m in largest)
+    assert {t["member"] for t in r.signals["next"]} == {m.id for m in r.members if m.dictionary_size < 256}
+    assert len(r.signals["seeds"]) == 5
+    info = describe(r.path)
+    json.dumps(info, allow_nan=False)  # strict JSON: NaN became null
+    assert info["members"] == 10 and info["label"] == "sparse:x"
+
+
+def test_stored_metrics_equal_the_metric_functions_on_the_whole_split(toy_sweep, toy_store):
+    r = toy_sweep
+    with ActivationStore(toy_store) as s:
+        x = s.load("x", "test") * r.normalisation_scale
+    for m in r.members[::3]:
+        c = torch.relu(x @ torch.from_numpy(r.encoder(m.id)).T + torch.from_numpy(r.encoder_bias(m.id)))
+        x_hat = c @ torch.from_numpy(r.decoder(m.id)) + torch.from_numpy(r.decoder_bias(m.id))
+        got = m.metrics["test"]
+        assert got["mse"] == pytest.approx(M.mse(x, x_hat), rel=1e-4)
+        assert got["fvu"] == pytest.approx(M.fvu(x, x_hat), rel=1e-4)
+        assert got["l0"] == pytest.approx(M.l0(c), rel=1e-4)
+        assert got["l1"] == pytest.approx(M.l1(c), rel=1e-4)
+        assert got["shrinkage"] == pytest.approx(M.shrinkage(x, x_hat), rel=1e-4)
+        assert got["loss"] == pytest.approx(M.mse(x, x_hat) + m.sparsity * M.l1(c), rel=1e-4)
+        assert got["dead_fraction"] == pytest.approx(M.dead_fraction(c))
+        np.testing.assert_allclose(r.row_sse(m.id, "test"), M.row_sse(x, x_hat).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_are_scaled_to_unit_mean_squared_norm(toy_sweep, toy_store):
+    with ActivationStore(toy_store) as s:
+        msn = s.mean_squared_norm("x")
+    assert toy_sweep.normalisation_scale ** 2 * msn == pytest.approx(1.0, rel=0.02)  # from a sample
+
+
+# ---- reproducibility ---------------------------------------------------------------------------
+
+
+def small_config(**kw):
+    base = dict(sizes=["8", "16"], l1=[0.1, 0.5], seeds=[0, 1], steps=120, batch_size=64, log_every=20,
+                test_curve_points=2, checkpoint_every=40)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    return write_toy("sparse", tmp_path_factory.mktemp("small") / "small.h5", n_samples=3000, seed=3,
+                     n_features=16, d=8, mean_active=2.0, progress=False)
+
+
+def assert_same_member(a, b, ma, mb):
+    for split in ("train", "test"):
+        for k, v in ma.metrics[split].items():
+            assert mb.metrics[split][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (ma.id, split, k)
+    for name in ("encoder", "decoder", "encoder_bias", "decoder_bias"):
+        np.testing.assert_allclose(getattr(b, name)(mb.id), getattr(a, name)(ma.id), rtol=1e-5, atol=1e-6)
+    for k in ("train", "test"):
+        np.testing.assert_allclose(mb.curves[k], ma.curves[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["relu-l1", "topk"])
+def test_a_member_trained_in_a_sweep_equals_it_trained_alone(small_store, tmp_path, arch):
+    kw = dict(arch=arch, k=[2, 4], model={"auxk_dead_rows": 640})
+    sweep = load_results(train_sweep(small_store, small_config(**kw), tmp_path / "sweep.h5", progress=False))
+    member = [m for m in sweep.members if m.dictionary_size == 16 and m.seed == 1][-1]  # the 2nd sparsity
+    solo_cfg = small_config(sizes=["16"], seeds=[1], l1=[member.sparsity], k=[int(member.sparsity)], arch=arch,
+                            model=kw["model"])
+    solo = load_results(train_sweep(small_store, solo_cfg, tmp_path / "solo.h5", progress=False))
+    assert [m.id for m in solo.members] == [member.id]
+    assert_same_member(sweep, solo, member, solo.members[0])
+
+
+def test_same_config_same_numbers(small_store, tmp_path):
+    a = load_results(train_sweep(small_store, small_config(), tmp_path / "a.h5", progress=False))
+    b = load_results(train_sweep(small_store, small_config(), tmp_path / "b.h5", progress=False))
+    for ma, mb in zip(a.members, b.members):
+        assert_same_member(a, b, ma, mb)
+
+
+KILLED_RUN = """
+import sys, torch
+torch.set_num_threads(1)
+from sparsefeat.train import SweepConfig, train_sweep
+cfg = SweepConfig(**{config!r})
+train_sweep(sys.argv[1], cfg, sys.argv[2], resume=True, progress=False)
+"""
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(small_store, tmp_path):
+    cfg = dict(sizes=["8", "16"], l1=[0.1, 0.5], seeds=[0, 1], steps=3000, batch_size=64, log_every=20,
+               test_curve_points=3, checkpoint_every=40, arch="topk", k=[2, 3], model={"auxk_dead_rows": 640})
+    out, ckpt = tmp_path / "killed.h5", checkpoint_path(tmp_path / "killed.h5")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(config=cfg), str(small_store), str(out)])
+    try:
+        deadline = time.time() + 60
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert ckpt.exists(), "the run never wrote a checkpoint"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step < 3000
+    resumed = load_results(train_sweep(small_store, SweepConfig(**cfg), out, resume=True, progress=False))
+    assert not ckpt.exists()  # removed once the results are written
+    whole = load_results(train_sweep(small_store, SweepConfig(**cfg), tmp_path / "whole.h5", progress=False))
+    for ma, mb in zip(whole.members, resumed.members):
+        assert_same_member(whole, resumed, ma, mb)
+
+
+# ---- bad input: a clear one-line error and nothing lost ---------------------------------------------
+
+
+def test_bad_sizes_sites_and_splits_give_one_line_errors(small_store, tmp_path):
+    with pytest.raises(ValueError, match="must be positive"):
+        SweepConfig(sizes=["0"])
+    with pytest.raises(ValueError, match="neither a whole number"):
+        SweepConfig(sizes=["big"])
+    out = tmp_path / "out.h5"
+    with pytest.raises(SparsefeatError, match=r"small\.h5.*must be positive.*0\.01x"):
+        train_sweep(small_store, small_config(sizes=["0.01x"]), out, progress=False)
+    with pytest.raises(SparsefeatError, match=r"small\.h5: no site 'resid'"):
+        train_sweep(small_store, small_config(site="resid"), out, progress=False)
+    no_test = write_toy("sparse", tmp_path / "no_test.h5", n_samples=500, n_features=16, d=8, mean_active=2.0,
+                        test_fraction=0.0, progress=False)
+    with pytest.raises(SparsefeatError, match=r"no_test\.h5: has no test split"):
+        train_sweep(no_test, small_config(), out, progress=False)
+    with pytest.raises(SparsefeatError, match="fewer than one batch"):
+        train_sweep(small_store, small_config(batch_size=100_000), out, progress=False)
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
+def test_existing_results_are_never_overwritten_without_force(small_store, tmp_path):
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"precious")
+    with pytest.raises(SparsefeatError, match="already exists; pass --force"):
+        train_sweep(small_store, small_config(), out, progress=False)
+    with pytest.raises(SparsefeatError, match="already complete; nothing to resume"):
+        train_sweep(small_store, small_config(), out, resume=True, progress=False)
+    assert out.read_bytes() == b"precious"
+
+
+def write_rows(path, x):
+    with StoreWriter(path, sites={"x": x.shape[1]}, provenance={"test": path.name}, allow_nonfinite=True) as w:
+        w.append({"x": x}, test=split_rows(len(x), 0.1, 0))
+    return path
+
+
+def test_nan_loss_stops_with_member_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = small_config(normalise=False, model={"pre_bias": "none"}, steps=400, log_every=10, checkpoint_every=10)
+    # Find a training row that the stream serves at step 21, by streaming a store whose rows carry their
+    # own index (the order depends on the split and the seed only), then poison that row.
+    x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    x[:, 0] = np.arange(2000)
+    with ActivationStore(write_rows(tmp_path / "index.h5", x)) as s:
+        stream = s.batches("x", "train", cfg.batch_size, seed=cfg.data_seed, drop_last=True, epochs=None)
+        row = int(next(itertools.islice(stream, 20, None))[0, 0])
+    x[:, 0] = 0.5
+    x[row] = np.nan
+    store = write_rows(tmp_path / "nan.h5", x)
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"old results")
+    with pytest.raises(SparsefeatError) as e:
+        train_sweep(store, cfg, out, force=True, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "at step 21;" in msg and "member m=8,l1=0.1,seed=0" in msg
+    assert "last good checkpoint" in msg and "(step 20)" in msg
+    kept = torch.load(checkpoint_path(out), weights_only=True)
+    assert kept["step"] == 20
+    assert all(torch.isfinite(v).all() for sd in kept["stacks"] for v in sd.values() if v.is_floating_point())
+    assert out.read_bytes() == b"old results"
+    out.unlink()
+    # The kept checkpoint is neither thrown away silently nor resumed with other settings.
+    with pytest.raises(SparsefeatError, match="pass --resume to continue it or --force"):
+        train_sweep(store, cfg, out, progress=False)
+    changed = small_config(normalise=False, model={"pre_bias": "none"}, steps=400, log_every=10,
+                           checkpoint_every=10, lr=0.01)
+    with pytest.raises(SparsefeatError, match="cannot resume with a different lr"):
+        train_sweep(store, changed, out, resume=True, progress=False)
+    assert checkpoint_path(out).exists()
+
+
+# ---- small pieces --------------------------------------------------------------------------------
+
+
+def test_sizes_and_learning_rate_schedule():
+    assert parse_size("2x", 384) == 768 and parse_size("0.5x", 384) == 192 and parse_size("100", 384) == 100
+    cfg = SweepConfig(sizes=["1x", "32", "2x", "64"])
+    assert cfg.resolved_sizes(32) == [32, 64]
+    assert learning_rate(0, 100, 1.0, "constant", 10) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, "constant", 10) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 1.0, "linear", 10) == pytest.approx(0.5)
+    assert learning_rate(55, 100, 1.0, "cosine", 10) == pytest.approx(0.5)
+    assert learning_rate(10, 100, 1.0, "cosine", 10) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="not both"):
+        SweepConfig(steps=10, epochs=1)
+
+
+def test_epochs_set_the_number_of_steps(small_store, tmp_path):
+    r = load_results(train_sweep(small_store, small_config(steps=None, epochs=2, sizes=["8"], l1=[0.1], seeds=[0]),
+                                 tmp_path / "e.h5", progress=False))
+    run = r.config["run"]
+    assert run["total_steps"] == 2 * (run["train_rows"] // 64)
+    assert r.members[0].curves["train"][-1, 0] == run["total_steps"]
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_sweep_prints_a_table_or_json_and_refuses_to_overwrite(small_store, tmp_path, capsys):
+    out = tmp_path / "cli.h5"
+    args = ["sweep", str(small_store), "--sizes", "8,16", "--l1", "0.1", "--seeds", "0,1", "--steps", "60",
+            "--batch-size", "64", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "test loss" in text and "16" in text
+    assert main(args + ["--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
+    assert main(args + ["--json", "--force"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["dictionary_size"], r["split"]) for r in rows} == {(8, "train"), (8, "test"), (16, "train"),
+                                                                  (16, "test")}
+    assert main(["sweep", str(small_store), "--sizes", "0", "--out", str(tmp_path / "x.h5")]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    assert main(["sweep", str(small_store), "--site", "nope", "--out", str(tmp_path / "x.h5")]) == 2
+    assert "no site 'nope'" in capsys.readouterr().err
