@@ -276,6 +276,38 @@ class InspectCommand(Command):
 # ---- sweep (issue 3) -----------------------------------------------------------------------
 # (section: sweep)
 
+
+class SweepCommand(Command):
+    name = "sweep"
+    help = ("Train sparse autoencoders of several sizes × sparsity settings × seeds in one pass over a store; "
+            "report train and test loss by size and write a results file.")
+
+    def configure(self, p):
+        from .sae import SAEOptions
+        from .train import SweepConfig
+        p.add_argument("store", type=Path, help="the activation store to train on")
+        p.add_argument("--out", type=Path, required=True, help="the results file to write (e.g. sweep.h5)")
+        add_config_args(p, SweepConfig, skip=("model",), group="sweep options")
+        add_config_args(p, SAEOptions, group="architecture options")
+        p.add_argument("--resume", action="store_true", help="continue a killed sweep from its checkpoint")
+        p.add_argument("--force", action="store_true", help="overwrite existing results or an old checkpoint")
+        p.add_argument("--json", action="store_true", help="print the summary (one row per member and split) as JSON")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show a progress bar with running losses")
+
+    def run(self, args):
+        from .results import describe, load_results, summary_table
+        from .sae import SAEOptions
+        from .train import SweepConfig, train_sweep
+        config = config_from_args(SweepConfig, args, model=config_from_args(SAEOptions, args))
+        path = train_sweep(args.store, config, args.out, resume=args.resume, force=args.force,
+                           progress=args.progress)
+        if args.json:
+            print_json(describe(path)["summary"])
+        else:
+            print(summary_table(load_results(path)))
+            print(f"wrote {path}")
+
 # ---- harvest (issue 4) ---------------------------------------------------------------------
 # (section: harvest)
 
