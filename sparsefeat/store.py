@@ -42,6 +42,7 @@ FORMAT = "sparsefeat.activations"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: large enough to stream fast, small enough to shuffle well
 BLOCK_ROWS_TOKENS = 1 << 16
+COPY_BLOCK_BYTES = 32 << 20  # imports and rebuilds copy rows in blocks of about this size
 
 
 class StoreError(SparsefeatError):
@@ -73,6 +74,21 @@ def _open_h5(path: Path, mode: str = "r", **kw) -> h5py.File:
         raise StoreError(f"{path}: cannot open ({msg.splitlines()[0]})") from None
 
 
+def _open_for_reading(path: Path) -> h5py.File:
+    """Open a store or results file read-only.
+
+    A finished file opens plainly, so HDF5 checks its end-of-file and a truncated file fails at
+    once (an SWMR reader skips that check and retries reads of the missing data for minutes). A
+    file whose writer is running or was killed refuses a plain open; it is read as an SWMR reader.
+    """
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        if "already open for write" not in str(e):
+            return _open_h5(path, "r")  # the same failure, as one line
+    return _open_h5(path, "r", swmr=True)
+
+
 def _check_format(f: h5py.File, path: Path, expected: str = FORMAT, version: int = FORMAT_VERSION) -> None:
     fmt = f.attrs.get("format")
     if fmt is None:
@@ -92,7 +108,7 @@ def file_format(path: str | os.PathLike) -> str:
     if not path.exists() and partial_path(path).exists():
         raise StoreError(f"{path}: only {partial_path(path).name} exists: it is still being written or its "
                          "writer was killed (resume it with --resume, or inspect the .partial file)")
-    with _open_h5(path, "r", swmr=True) as f:
+    with _open_for_reading(path) as f:
         fmt = f.attrs.get("format")
     if fmt is None:
         raise StoreError(f"{path}: not a sparsefeat file (no 'format' attribute)")
@@ -205,7 +221,11 @@ class StoreWriter:
         except OSError:
             # A killed SWMR writer leaves the consistency flags set and plain opens fail; rebuild the
             # file from its committed prefix (readable with swmr=True) and continue from that.
-            _rebuild_committed_prefix(self.tmp)
+            try:
+                _rebuild_committed_prefix(self.tmp)
+            except (OSError, KeyError) as e:
+                raise StoreError(f"{self.tmp}: cannot resume: the partial file is unreadable "
+                                 f"({_first_line(e)}); use --force to start again") from None
             f = h5py.File(self.tmp, "a", libver="latest")
         self.f = f
         try:
@@ -341,27 +361,34 @@ class StoreWriter:
 
 
 def _rebuild_committed_prefix(tmp: Path) -> None:
-    """Copy the committed prefix of a crashed SWMR file into a fresh file and swap it in."""
+    """Copy the committed prefix of a crashed SWMR file into a fresh file and swap it in.
+    Row datasets are copied in blocks, so a large store needs little memory."""
     fresh = Path(str(tmp) + ".rebuild")
-    with h5py.File(tmp, "r", swmr=True) as src, h5py.File(fresh, "w", libver="latest") as dst:
-        n = int(src["rows/committed"][0])
-        nd = int(src["documents/committed"][0]) if "documents" in src else 0
-        dst.attrs.update(dict(src.attrs))
+    try:
+        with h5py.File(tmp, "r", swmr=True) as src, h5py.File(fresh, "w", libver="latest") as dst:
+            n = int(src["rows/committed"][0])
+            nd = int(src["documents/committed"][0]) if "documents" in src else 0
+            dst.attrs.update(dict(src.attrs))
 
-        def copy(name, obj):
-            if isinstance(obj, h5py.Group):
-                dst.require_group(name).attrs.update(dict(obj.attrs))
-                return
-            if obj.maxshape and obj.maxshape[0] is None:  # a row-appended dataset: keep the prefix
-                keep = nd if name.startswith("documents/") else n
-                data = obj[:keep]
-                ds = dst.create_dataset(name, data=data, maxshape=obj.maxshape, chunks=obj.chunks,
-                                        compression=obj.compression)
-            else:
-                ds = dst.create_dataset(name, data=obj[()])
-            ds.attrs.update(dict(obj.attrs))
+            def copy(name, obj):
+                if isinstance(obj, h5py.Group):
+                    dst.require_group(name).attrs.update(dict(obj.attrs))
+                    return
+                if obj.maxshape and obj.maxshape[0] is None:  # a row-appended dataset: keep the prefix
+                    keep = nd if name.startswith("documents/") else n
+                    ds = dst.create_dataset(name, shape=(keep,) + obj.shape[1:], dtype=obj.dtype,
+                                            maxshape=obj.maxshape, chunks=obj.chunks, compression=obj.compression)
+                    step = max(1, COPY_BLOCK_BYTES // max(1, obj.dtype.itemsize * math.prod(obj.shape[1:])))
+                    for lo in range(0, keep, step):
+                        ds[lo:min(keep, lo + step)] = obj[lo:min(keep, lo + step)]
+                else:
+                    ds = dst.create_dataset(name, data=obj[()])
+                ds.attrs.update(dict(obj.attrs))
 
-        src.visititems(copy)
+            src.visititems(copy)
+    except BaseException:
+        fresh.unlink(missing_ok=True)
+        raise
     os.replace(fresh, tmp)
 
 
@@ -389,7 +416,7 @@ class ActivationStore:
         if not self.path.exists() and partial_path(self.path).exists():
             raise StoreError(f"{self.path}: only {partial_path(self.path).name} exists: the store is still "
                              "being written or its writer was killed (resume it with --resume)")
-        self.f = _open_h5(self.path, "r", swmr=True)
+        self.f = _open_for_reading(self.path)
         try:
             _check_format(self.f, self.path)
             if "activations" not in self.f or "rows" not in self.f:
@@ -592,9 +619,16 @@ class ActivationStore:
         return mean_shifted + shift, cov
 
     def mean_squared_norm(self, site: str | None = None, split: str = "train") -> float:
-        """E‖x‖² over a split: the scale that toy data are matched to."""
-        mean, cov = self.moments(site, split)
-        return float(np.trace(cov) + mean @ mean)
+        """E‖x‖² = (1/n) Σ ‖x_i‖² over a split: the scale that toy data are matched to.
+        (Summed directly: trace(cov) + ‖mean‖² would carry the unbiased covariance's n/(n−1).)"""
+        ds = self._dataset(site)
+        mask = self._check_split(split)
+        total, n = 0.0, 0
+        for s, e in self._blocks(ds):
+            a = ds[s:e][mask[s:e]].astype(np.float64)
+            total += float(np.einsum("ij,ij->", a, a))
+            n += a.shape[0]
+        return total / n
 
     def close(self) -> None:
         self.f.close()
@@ -696,7 +730,6 @@ def describe(path: str | os.PathLike, max_rows_for_stats: int = 100_000) -> dict
 # Import: bring your own activations
 # --------------------------------------------------------------------------------------------
 
-IMPORT_BLOCK_BYTES = 32 << 20  # rows are copied in blocks of about this size (constant memory)
 ARRAY_SUFFIXES = (".npy", ".pt", ".safetensors")
 
 
@@ -806,7 +839,7 @@ def import_array(array_path: str | os.PathLike, out: str | os.PathLike, *, test_
                           source_dtype=src.dtype, bytes=array_path.stat().st_size, package_version=__version__)
         itemsize = np.dtype(dtype).itemsize if dtype in ("float16", "float32") else 4
         chunk = chunk_rows_for(d, itemsize)
-        block = max(chunk, IMPORT_BLOCK_BYTES // (d * 4) // chunk * chunk)  # whole chunks per write
+        block = max(chunk, COPY_BLOCK_BYTES // (d * 4) // chunk * chunk)  # whole chunks per write
         writer = StoreWriter(out, sites={site: d}, provenance=provenance, kind="import", dtype=dtype,
                              units="as imported", split_unit="row", test_fraction=test_fraction,
                              split_seed=seed, force=force)

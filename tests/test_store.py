@@ -1,0 +1,401 @@
+"""The activation store: round trip, crash safety, batch streams, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import indexed_rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsefeat import cli
+from sparsefeat.store import (FORMAT, FORMAT_VERSION, ActivationStore, StoreError, StoreWriter, describe,
+                              file_format, partial_path, split_documents, split_rows)
+
+# --------------------------------------------------------------------------------------------
+# Round trip
+# --------------------------------------------------------------------------------------------
+
+
+def test_round_trip_of_every_field(tmp_path):
+    path = tmp_path / "model.h5"
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((500, 8)).astype(np.float32)
+    b = rng.standard_normal((500, 4)).astype(np.float32)
+    doc = np.repeat(np.arange(10), 50)
+    pos = np.tile(np.arange(50), 10)
+    ids = rng.integers(0, 1000, 500)
+    doc_test = split_documents(np.arange(10), 0.3, seed=1)
+    row_test = doc_test[doc]
+    gt = rng.standard_normal((3, 8))
+    provenance = {"model": "m", "layers": [0, 3], "nested": {"x": 1.5}}
+    with StoreWriter(path, sites={"h0": 8, "h3": 4}, provenance=provenance, kind="model", dtype="float16",
+                     units="raw residual stream", split_unit="document", test_fraction=0.3, split_seed=1,
+                     compression="lzf", tokens=True) as w:
+        for lo in (0, 200):  # two blocks, each completing whole documents
+            hi = lo + (200 if lo == 0 else 300)
+            w.append({"h0": a[lo:hi], "h3": torch.from_numpy(b[lo:hi])}, test=row_test[lo:hi],
+                     tokens={"doc": doc[lo:hi], "pos": pos[lo:hi], "ids": ids[lo:hi]},
+                     documents_test=doc_test[lo // 50:hi // 50])
+        assert (w.committed_rows, w.committed_docs) == (500, 10)
+        w.close(ground_truth={"features": gt}, attrs={"note": "hello", "extra": {"k": [1, 2]}})
+    assert path.exists() and not partial_path(path).exists()
+
+    with ActivationStore(path) as s:
+        assert s.sites == ["h0", "h3"]
+        assert (s.width("h0"), s.width("h3")) == (8, 4)
+        assert s.kind == "model" and s.complete and s.units == "raw residual stream"
+        assert s.provenance == provenance
+        assert s.attrs["note"] == "hello" and json.loads(s.attrs["extra"]) == {"k": [1, 2]}
+        assert s.attrs["format"] == FORMAT and s.attrs["format_version"] == FORMAT_VERSION
+        assert s.attrs["split_unit"] == "document" and s.test_fraction == 0.3
+        np.testing.assert_array_equal(s.ground_truth["features"], gt)
+        assert s.n_rows() == 500 and s.n_rows("test") == int(row_test.sum())
+        assert s.n_rows("train") + s.n_rows("test") == 500
+        np.testing.assert_array_equal(s.load("h0", "all").numpy(), a.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(s.load("h3", "test").numpy(),
+                                      b[row_test.astype(bool)].astype(np.float16).astype(np.float32))
+        assert s.load("h0", "all", dtype=torch.float16).dtype == torch.float16
+        t = s.tokens()
+        for name, want in (("doc", doc), ("pos", pos), ("ids", ids)):
+            np.testing.assert_array_equal(t[name], want)
+        np.testing.assert_array_equal(s.documents_test(), doc_test.astype(bool))
+        with pytest.raises(StoreError, match="sites.*name one"):
+            s.default_site()
+        assert "h0" in repr(s)
+    info = describe(path)
+    assert info["sites"]["h0"]["shape"] == [500, 8] and info["sites"]["h0"]["dtype"] == "float16"
+    assert info["documents"] == 10 and info["test_documents"] == int(doc_test.sum())
+    assert info["ground_truth"]["features"]["shape"] == [3, 8]
+    assert file_format(path) == FORMAT
+
+
+def test_moments_and_mean_squared_norm_match_numpy(make_store):
+    path = make_store(n=2500, d=6, block=700)
+    with ActivationStore(path) as s:
+        x = s.load("x", "train").double().numpy()
+        mean, cov = s.moments("x", "train")
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(cov, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+        assert s.mean_squared_norm("x") == pytest.approx((x ** 2).sum(1).mean(), rel=1e-9)
+
+
+def test_split_rows_is_a_stable_hash_of_the_row_index():
+    whole = split_rows(10_000, 0.25, seed=3)
+    parts = np.concatenate([split_rows(4000, 0.25, 3, 0), split_rows(6000, 0.25, 3, 4000)])
+    np.testing.assert_array_equal(whole, parts)
+    assert abs(whole.mean() - 0.25) < 0.02
+    assert not np.array_equal(whole, split_rows(10_000, 0.25, seed=4))
+
+
+# --------------------------------------------------------------------------------------------
+# Crash safety: SIGKILL mid-append, then resume
+# --------------------------------------------------------------------------------------------
+
+KILL_BLOCK, KILL_D = 2000, 64
+
+WRITER_FOREVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import indexed_rows
+from sparsefeat.store import StoreWriter, split_rows
+w = StoreWriter({path!r}, sites={{"x": {d}}}, provenance={{"run": 1}}, test_fraction=0.2, split_seed=5)
+lo = 0
+while True:  # until killed
+    w.append({{"x": indexed_rows(lo, lo + {block}, {d})}}, test=split_rows({block}, 0.2, 5, lo))
+    lo += {block}
+"""
+
+
+def _write_blocks(w: StoreWriter, start: int, stop: int) -> None:
+    for lo in range(start, stop, KILL_BLOCK):
+        w.append({"x": indexed_rows(lo, lo + KILL_BLOCK, KILL_D)}, test=split_rows(KILL_BLOCK, 0.2, 5, lo))
+
+
+def test_writer_killed_mid_append_resumes_to_exactly_an_uninterrupted_run(tmp_path, kill_after_commit):
+    path = tmp_path / "killed.h5"
+    code = WRITER_FOREVER.format(tests=str(Path(__file__).parent), path=str(path), d=KILL_D, block=KILL_BLOCK)
+    committed = kill_after_commit(code, path, min_rows=10 * KILL_BLOCK)
+    assert committed % KILL_BLOCK == 0 and not path.exists()
+
+    # The killed file's committed prefix is readable as it stands ...
+    with ActivationStore(partial_path(path)) as s:
+        assert s.n_rows() == committed and not s.complete
+        np.testing.assert_array_equal(s.load("x", "all").numpy()[:, 0], np.arange(committed))
+    with pytest.raises(StoreError, match="only killed.h5.partial exists"):
+        ActivationStore(path)
+
+    # ... and resuming continues exactly after it.
+    total = committed + 3 * KILL_BLOCK
+    with StoreWriter(path, sites={"x": KILL_D}, provenance={"run": 1}, test_fraction=0.2, split_seed=5,
+                     resume=True) as w:
+        assert w.committed_rows == committed
+        _write_blocks(w, committed, total)
+    reference = tmp_path / "reference.h5"
+    with StoreWriter(reference, sites={"x": KILL_D}, provenance={"run": 1}, test_fraction=0.2,
+                     split_seed=5) as w:
+        _write_blocks(w, 0, total)
+    with ActivationStore(path) as got, ActivationStore(reference) as want:
+        assert got.complete and got.n_rows() == total
+        np.testing.assert_array_equal(got.load("x", "all").numpy(), want.load("x", "all").numpy())
+        np.testing.assert_array_equal(got.split_mask("test"), want.split_mask("test"))
+
+
+def test_resume_refuses_a_different_run_and_a_complete_store(tmp_path, make_store):
+    path = tmp_path / "p.h5"
+    w = StoreWriter(path, sites={"x": 4}, provenance={"run": 1})
+    w.append({"x": np.ones((10, 4))}, test=np.zeros(10))
+    w.close(complete=False)
+    with pytest.raises(StoreError, match="cannot resume: its provenance differs"):
+        StoreWriter(path, sites={"x": 4}, provenance={"run": 2}, resume=True)
+    with pytest.raises(StoreError, match="cannot resume: its sites"):
+        StoreWriter(path, sites={"x": 5}, provenance={"run": 1}, resume=True)
+    with StoreWriter(path, sites={"x": 4}, provenance={"run": 1}, resume=True) as w:
+        assert w.committed_rows == 10
+    garbage = tmp_path / "garbage.h5"
+    partial_path(garbage).write_text("not hdf5")
+    with pytest.raises(StoreError, match="cannot resume: the partial file is unreadable.*--force"):
+        StoreWriter(garbage, sites={"x": 4}, provenance={}, resume=True)
+    assert partial_path(garbage).read_text() == "not hdf5"
+    done = make_store("done.h5")
+    with pytest.raises(StoreError, match="already complete; nothing to resume"):
+        StoreWriter(done, sites={"x": 16}, provenance={"test": "done.h5"}, resume=True)
+
+
+def test_force_replaces_an_existing_store_only_once_the_new_one_is_complete(make_store, digest):
+    path = make_store("s.h5", n=100, block=100)
+    before = digest(path)
+    w = StoreWriter(path, sites={"x": 16}, provenance={}, force=True)
+    w.append({"x": np.zeros((5, 16))}, test=np.zeros(5))
+    assert digest(path) == before  # the old store is intact while the new one is written
+    w.close()
+    with ActivationStore(path) as s:
+        assert s.n_rows() == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Batch streams
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stream_store(tmp_path_factory):
+    """10,000 indexed rows of width 256 (1,024-row chunks, so streams cross many chunks)."""
+    path = tmp_path_factory.mktemp("stream") / "stream.h5"
+    with StoreWriter(path, sites={"x": 256}, provenance={}, test_fraction=0.3, split_seed=2) as w:
+        for lo in range(0, 10_000, 2500):
+            w.append({"x": indexed_rows(lo, lo + 2500, 256)}, test=split_rows(2500, 0.3, 2, lo))
+    return path
+
+
+def _ids(batches) -> list[np.ndarray]:
+    return [b[:, 0].numpy().astype(np.int64) for b in batches]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(split=st.sampled_from(["train", "test", "all"]), batch_size=st.integers(1, 3000),
+       buffer_rows=st.integers(1, 6000), seed=st.integers(0, 2 ** 32 - 1), shuffle=st.booleans(),
+       drop_last=st.booleans())
+def test_batches_partition_the_split_once_per_epoch(stream_store, split, batch_size, buffer_rows, seed,
+                                                    shuffle, drop_last):
+    with ActivationStore(stream_store) as s:
+        want = np.flatnonzero(s.split_mask(split))
+        batches = _ids(s.batches("x", split, batch_size, seed=seed, epochs=2, shuffle=shuffle,
+                                 drop_last=drop_last, buffer_rows=buffer_rows))
+    sizes = [len(b) for b in batches]
+    epoch_rows = len(want) // batch_size * batch_size if drop_last else len(want)
+    assert sum(sizes) == 2 * epoch_rows
+    assert all(n == batch_size for n in (sizes if drop_last else sizes[:-1])) or not drop_last
+    got = np.concatenate(batches)
+    first, second = got[:epoch_rows], got[epoch_rows:]
+    for epoch in (first, second):
+        assert len(np.unique(epoch)) == len(epoch)  # no row twice in an epoch
+        assert np.isin(epoch, want).all()  # never a row of another split
+        if not drop_last:
+            np.testing.assert_array_equal(np.sort(epoch), want)  # every row once
+    if not shuffle and not drop_last:
+        np.testing.assert_array_equal(first, want)
+
+
+def test_batches_are_deterministic_by_seed_and_differ_across_seeds_and_epochs(stream_store):
+    with ActivationStore(stream_store) as s:
+        run = lambda seed: np.concatenate(_ids(s.batches("x", "train", 500, seed=seed, epochs=2)))
+        a, b, c = run(1), run(1), run(2)
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+        half = len(a) // 2
+        assert not np.array_equal(a[:half], a[half:])  # each epoch has its own order
+
+
+def test_batches_never_mix_train_and_test(stream_store):
+    with ActivationStore(stream_store) as s:
+        test_rows = set(np.flatnonzero(s.split_mask("test")))
+        train = np.concatenate(_ids(s.batches("x", "train", 777, seed=3)))
+        test = np.concatenate(_ids(s.batches("x", "test", 777, seed=3)))
+    assert not test_rows.intersection(train.tolist())
+    assert set(test.tolist()) == test_rows
+
+
+def test_prefetched_batches_equal_direct_ones_and_infinite_stream_keeps_going(stream_store):
+    with ActivationStore(stream_store) as s:
+        direct = _ids(s.batches("x", "train", 900, seed=4, epochs=2))
+        ahead = _ids(s.batches("x", "train", 900, seed=4, epochs=2, prefetch=3))
+        assert all(np.array_equal(a, b) for a, b in zip(direct, ahead)) and len(direct) == len(ahead)
+        stream = s.batches("x", "train", 4096, seed=0, epochs=None, dtype=torch.float16)
+        many = [next(stream) for _ in range(10)]  # more than two epochs' worth
+        assert many[0].dtype == torch.float16 and sum(len(b) for b in many) > 2 * s.n_rows("train")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one clear line, files untouched
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(err: pytest.ExceptionInfo, path: Path | str) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_not_a_store(tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("hello\n")
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["a"] = np.zeros(3)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = "sparsefeat.somethingelse"
+        f.attrs["format_version"] = 1
+    for path, pattern in ((text, "not an HDF5 file"), (plain, "not a sparsefeat file"),
+                          (other, "is a 'sparsefeat.somethingelse' file, expected"),
+                          (tmp_path / "missing.h5", "no such file")):
+        with pytest.raises(StoreError, match=pattern) as e:
+            ActivationStore(path)
+        _one_line(e, path)
+
+
+def test_truncated_or_corrupt_store(make_store, tmp_path, digest):
+    good = make_store("good.h5", n=3000, d=64)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path in (cut,):
+        before = digest(path)
+        with pytest.raises(StoreError, match="truncated|corrupt") as e:
+            ActivationStore(path).load("x")
+        _one_line(e, path)
+        assert digest(path) == before
+    lying = tmp_path / "lying.h5"  # a committed counter past the data
+    shutil.copy(good, lying)
+    with h5py.File(lying, "a") as f:
+        f["rows/committed"][0] = 10_000
+    with pytest.raises(StoreError, match="truncated or corrupt") as e:
+        ActivationStore(lying)
+    _one_line(e, lying)
+
+
+def test_newer_or_unknown_format_version_is_refused(make_store):
+    for version in (FORMAT_VERSION + 1, 0):
+        path = make_store(f"v{version}.h5", n=10, block=10)
+        with h5py.File(path, "a") as f:
+            f.attrs["format_version"] = version
+        with pytest.raises(StoreError, match=f"format version {version} is not supported") as e:
+            ActivationStore(path)
+        _one_line(e, path)
+
+
+def test_missing_site_and_empty_split(make_store):
+    path = make_store(n=50, block=50, test_fraction=0.0)
+    with ActivationStore(path) as s:
+        with pytest.raises(StoreError, match="no site 'y' \\(sites: x\\)") as e:
+            s.load("y")
+        _one_line(e, path)
+        with pytest.raises(StoreError, match="the test split is empty") as e:
+            next(iter(s.batches("x", "test", 8)))
+        _one_line(e, path)
+        with pytest.raises(StoreError, match="unknown split"):
+            s.load("x", "validation")
+
+
+def test_nonfinite_rows_and_width_mismatch_are_refused_with_details(tmp_path):
+    path = tmp_path / "bad.h5"
+    w = StoreWriter(path, sites={"x": 4}, provenance={})
+    block = np.ones((10, 4))
+    block[2, 1], block[7, 0], block[7, 3] = np.nan, np.inf, -np.inf
+    with pytest.raises(StoreError, match="2 of 10 rows of site 'x' contain NaN or Inf") as e:
+        w.append({"x": block}, test=np.zeros(10))
+    _one_line(e, path)
+    with pytest.raises(StoreError, match="site 'x' has width 4, got a block of shape \\(10, 5\\)") as e:
+        w.append({"x": np.ones((10, 5))}, test=np.zeros(10))
+    _one_line(e, path)
+    with pytest.raises(StoreError, match="split mask has 3 rows, block has 10"):
+        w.append({"x": np.ones((10, 4))}, test=np.zeros(3))
+    assert w.committed_rows == 0
+    w.close(complete=False)
+
+
+def test_existing_output_is_not_overwritten_without_force(make_store, digest):
+    path = make_store("keep.h5", n=20, block=20)
+    before = digest(path)
+    with pytest.raises(StoreError, match="already exists; pass --force") as e:
+        StoreWriter(path, sites={"x": 16}, provenance={})
+    _one_line(e, path)
+    assert digest(path) == before and not partial_path(path).exists()
+
+
+def test_bad_writer_arguments(tmp_path):
+    for kw, pattern in (({"dtype": "int8"}, "dtype must be"), ({"compression": "zstd"}, "compression must be"),
+                        ({"test_fraction": 1.0}, "test fraction must be"), ({"sites": {}}, "at least one site")):
+        args = dict(sites={"x": 2}, provenance={}) | kw
+        with pytest.raises(StoreError, match=pattern):
+            StoreWriter(tmp_path / "w.h5", **args)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: inspect
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_inspect_json_and_text(sparse_toy, capsys):
+    assert cli.main(["inspect", str(sparse_toy), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == FORMAT and info["kind"] == "toy"
+    assert info["sites"]["x"]["shape"] == [4000, 32] and info["sites"]["x"]["dtype"] == "float32"
+    assert info["train_rows"] + info["test_rows"] == 4000
+    assert info["provenance"]["generator"] == "sparse"
+    assert info["ground_truth"]["features"]["shape"] == [64, 32]
+    assert cli.main(["inspect", str(sparse_toy)]) == 0
+    text = capsys.readouterr().out
+    assert "format: sparsefeat.activations" in text and "shape: [4000, 32]" in text
+
+
+def test_cli_inspect_bad_files_exit_2_with_one_line(tmp_path, capsys):
+    text = tmp_path / "x.h5"
+    text.write_text("not hdf5")
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["a"] = 1
+    for path in (text, plain, tmp_path / "missing.h5"):
+        assert cli.main(["inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("sparsefeat inspect: error:") and str(path) in err
+
+
+def test_cli_inspect_dispatches_results_files(tmp_path, capsys):
+    from sparsefeat import results
+    path = tmp_path / "sweep.h5"
+    r = results.Results(path=path, label="toy", site="x", d=4, store_path="s.h5", store_kind="toy",
+                        store_provenance={}, store_hash="abc", config={}, members=[])
+    results.write_results(path, r, {})
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info == json.loads(json.dumps(results.describe(path)))
+    assert info["format"] == "sparsefeat.results"
