@@ -25,6 +25,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -766,7 +767,9 @@ class _ArraySource:
         t = None
         for mmap in (True, False):  # mmap needs torch's zip format; old files load whole
             try:
-                t = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+                with warnings.catch_warnings():  # torch warns about foreign pickles we refuse anyway
+                    warnings.simplefilter("ignore")
+                    t = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
                 break
             except Exception as e:
                 err = e
