@@ -224,6 +224,21 @@ def test_batches_partition_the_split_once_per_epoch(stream_store, split, batch_s
         np.testing.assert_array_equal(first, want)
 
 
+@pytest.mark.parametrize("compression,dtype", [(None, "float16"), ("lzf", "float32"), ("gzip", "float16")])
+def test_batches_of_compressed_and_half_precision_stores(make_store, compression, dtype):
+    # Unfiltered chunks are read as raw bytes, filtered ones through HDF5's pipeline: same rows.
+    # (2,000 rows: the row ids in column 0 stay exact in float16; 1,024- or 512-row chunks)
+    path = make_store(n=2000, d=512, block=700, test_fraction=0.25, compression=compression, dtype=dtype)
+    with ActivationStore(path) as s:
+        want = np.flatnonzero(s.split_mask("train"))
+        x = s.load("x", "train").numpy()
+        batches = list(s.batches("x", "train", 333, seed=5, buffer_rows=700))
+    got = np.concatenate([b.numpy() for b in batches])
+    order = np.argsort(got[:, 0])
+    np.testing.assert_array_equal(got[order, 0], want)
+    np.testing.assert_array_equal(got[order], x)  # whole rows, not just their ids
+
+
 def test_batches_are_deterministic_by_seed_and_differ_across_seeds_and_epochs(stream_store):
     with ActivationStore(stream_store) as s:
         run = lambda seed: np.concatenate(_ids(s.batches("x", "train", 500, seed=seed, epochs=2)))
