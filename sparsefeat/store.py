@@ -292,7 +292,13 @@ class StoreWriter:
                 if bad:
                     raise StoreError(f"{self.path}: {bad} of {n} rows of site {site!r} contain NaN or Inf; "
                                      "refusing to store them (allow_nonfinite=True keeps them)")
-            arrays[site] = a.astype(self.dtype, copy=False)
+            with np.errstate(over="ignore"):  # float16 overflow is reported below, with a count
+                arrays[site] = a.astype(self.dtype, copy=False)
+            if self.dtype == np.float16 and a.dtype.itemsize > 2 and not self.allow_nonfinite:
+                over = int((~np.isfinite(arrays[site])).any(axis=1).sum())
+                if over:
+                    raise StoreError(f"{self.path}: {over} of {n} rows of site {site!r} exceed the float16 range "
+                                     "(|x| > 65504); store them as float32")
         if set(arrays) != set(self.sites):
             raise StoreError(f"{self.path}: a block must hold every site {sorted(self.sites)}")
         test = np.asarray(test, dtype="u1").reshape(-1)
@@ -726,6 +732,21 @@ def _unit_hash(idx: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _first_rows_stats(ds: h5py.Dataset, n: int) -> dict:
+    """Mean and std of all values, mean norm and mean squared norm of the first n rows (in blocks)."""
+    if n == 0:
+        return dict(mean=math.nan, std=math.nan, mean_norm=math.nan, mean_squared_norm=math.nan)
+    step = max(1, COPY_BLOCK_BYTES // (8 * ds.shape[1]))
+    total = total_sq = total_norm = 0.0
+    for lo in range(0, n, step):
+        a = ds[lo:min(n, lo + step)].astype(np.float64)
+        sq = np.einsum("ij,ij->i", a, a)
+        total, total_sq, total_norm = total + a.sum(), total_sq + sq.sum(), total_norm + np.sqrt(sq).sum()
+    mean = total / (n * ds.shape[1])
+    return dict(mean=float(mean), std=float(math.sqrt(max(0.0, total_sq / (n * ds.shape[1]) - mean ** 2))),
+                mean_norm=float(total_norm / n), mean_squared_norm=float(total_sq / n))
+
+
 def describe(path: str | os.PathLike, max_rows_for_stats: int = 100_000) -> dict:
     """Everything `sparsefeat inspect` shows about a store, as a JSON-ready dict."""
     with ActivationStore(path) as s:
@@ -738,14 +759,9 @@ def describe(path: str | os.PathLike, max_rows_for_stats: int = 100_000) -> dict
         for site in s.sites:
             ds = s.f["activations"][site]
             n = min(s.committed, max_rows_for_stats)
-            a = ds[:n].astype(np.float64)
-            norms = np.linalg.norm(a, axis=1) if n else np.zeros(1)
             out["sites"][site] = dict(
                 shape=[s.committed, int(ds.shape[1])], dtype=str(ds.dtype), chunks=list(ds.chunks or []),
-                compression=ds.compression, stats_rows=n,
-                mean=float(a.mean()) if n else math.nan, std=float(a.std()) if n else math.nan,
-                mean_norm=float(norms.mean()), mean_squared_norm=float((norms ** 2).mean()),
-            )
+                compression=ds.compression, stats_rows=n, **_first_rows_stats(ds, n))
         for k, v in s.f["ground_truth"].items():
             out["ground_truth"][k] = dict(shape=list(v.shape), dtype=str(v.dtype))
         if "documents" in s.f:

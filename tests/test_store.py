@@ -87,6 +87,19 @@ def test_moments_and_mean_squared_norm_match_numpy(make_store):
         assert s.mean_squared_norm("x") == pytest.approx((x ** 2).sum(1).mean(), rel=1e-9)
 
 
+def test_describe_statistics_match_numpy(make_store):
+    path = make_store(n=1200, d=8, block=500)
+    with ActivationStore(path) as s:
+        x = s.load("x", "all").double().numpy()
+    stats = describe(path, max_rows_for_stats=1000)["sites"]["x"]
+    first = x[:1000]
+    assert stats["stats_rows"] == 1000
+    assert stats["mean"] == pytest.approx(first.mean(), rel=1e-9)
+    assert stats["std"] == pytest.approx(first.std(), rel=1e-9)
+    assert stats["mean_norm"] == pytest.approx(np.linalg.norm(first, axis=1).mean(), rel=1e-9)
+    assert stats["mean_squared_norm"] == pytest.approx((first ** 2).sum(1).mean(), rel=1e-9)
+
+
 def test_split_rows_is_a_stable_hash_of_the_row_index():
     whole = split_rows(10_000, 0.25, seed=3)
     parts = np.concatenate([split_rows(4000, 0.25, 3, 0), split_rows(6000, 0.25, 3, 4000)])
@@ -354,6 +367,10 @@ def test_nonfinite_rows_and_width_mismatch_are_refused_with_details(tmp_path):
         w.append({"x": np.ones((10, 4))}, test=np.zeros(3))
     assert w.committed_rows == 0
     w.close(complete=False)
+    half = StoreWriter(tmp_path / "half.h5", sites={"x": 2}, provenance={}, dtype="float16")
+    with pytest.raises(StoreError, match="1 of 3 rows of site 'x' exceed the float16 range"):
+        half.append({"x": np.array([[1.0, 2.0], [7e4, 0.0], [65504.0, -65504.0]])}, test=np.zeros(3))
+    half.close(complete=False)
 
 
 def test_existing_output_is_not_overwritten_without_force(make_store, digest):
