@@ -173,11 +173,19 @@ class StoreWriter:
             raise StoreError(f"{self.path}: already exists; pass --force to overwrite it")
         if self.path.exists() and resume and not self.tmp.exists():
             raise StoreError(f"{self.path}: is already complete; nothing to resume (use --force to rewrite)")
+        if self.tmp.exists() and not resume and not force:
+            raise StoreError(f"{self.tmp}: an unfinished store is here; pass --resume to continue it "
+                             "or --force to start again")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.tmp.exists():
-            self._reopen(header)
-        else:
-            self._create(header, compression)
+        self._lock = _WriterLock(self.tmp)
+        try:
+            if resume and self.tmp.exists():
+                self._reopen(header)
+            else:
+                self._create(header, compression)
+        except BaseException:
+            self._lock.release()
+            raise
         self.f.swmr_mode = True
         self._closed = False
 
@@ -185,7 +193,7 @@ class StoreWriter:
 
     def _create(self, header: dict, compression: str | None) -> None:
         if self.tmp.exists():
-            self.tmp.unlink()  # an abandoned partial without --resume: start again
+            self.tmp.unlink()  # an abandoned partial and --force: start again
         f = self.f = h5py.File(self.tmp, "w", libver="latest")
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, package_version=__version__,
                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False,
@@ -341,9 +349,15 @@ class StoreWriter:
         if self._closed:
             return self.path
         self._closed = True
-        self.f.close()
-        if not complete:
-            return self.tmp
+        try:
+            self.f.close()
+            if not complete:
+                return self.tmp
+            return self._finish(ground_truth, attrs)
+        finally:
+            self._lock.release()
+
+    def _finish(self, ground_truth, attrs) -> Path:
         with h5py.File(self.tmp, "a", libver="latest") as f:
             if self.committed_rows == 0:
                 raise StoreError(f"{self.path}: no rows were written")
@@ -365,6 +379,29 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb):
         self.close(complete=exc_type is None)
         return False
+
+
+class _WriterLock:
+    """An exclusive advisory lock (`<file>.lock`, flock) held while a writer has the file open, so
+    a second writer, e.g. a `--resume` started while the first still runs, fails at once instead
+    of rebuilding the file under the live one."""
+
+    def __init__(self, target: Path):
+        import fcntl
+        self.path = Path(str(target) + ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise StoreError(f"{target}: another process is writing this store right now") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
 
 
 def _rebuild_committed_prefix(tmp: Path) -> None:

@@ -430,3 +430,21 @@ def test_cli_inspect_dispatches_results_files(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info == json.loads(json.dumps(results.describe(path)))
     assert info["format"] == "sparsefeat.results"
+
+
+def test_an_unfinished_store_is_never_discarded_without_force_and_has_one_writer(tmp_path):
+    path = tmp_path / "u.h5"
+    w = StoreWriter(path, sites={"x": 4}, provenance={"run": 1})
+    w.append({"x": np.ones((10, 4))}, test=np.zeros(10))
+    # a second writer while the first is open: refused at once, the live file untouched
+    with pytest.raises(StoreError, match="another process is writing"):
+        StoreWriter(path, sites={"x": 4}, provenance={"run": 1}, resume=True)
+    w.close(complete=False)
+    # forgetting --resume must not throw away the rows already written
+    with pytest.raises(StoreError, match="unfinished store.*--resume.*--force"):
+        StoreWriter(path, sites={"x": 4}, provenance={"run": 1})
+    with StoreWriter(path, sites={"x": 4}, provenance={"run": 1}, resume=True) as w2:
+        assert w2.committed_rows == 10
+    with StoreWriter(tmp_path / "v.h5", sites={"x": 4}, provenance={}) as w3:
+        w3.append({"x": np.ones((3, 4))}, test=np.zeros(3))
+    assert not list(tmp_path.glob("*.lock"))
