@@ -3,11 +3,11 @@
 The rule (argued in docs/method.md):
 
 1. A latent is *alive* if it fires on the test split (frequency > `alive_frequency`).
-2. Within one dictionary, alive latents whose decoder atoms have cosine >= tau are one *direction*
-   (near-duplicates from feature splitting count once); tau = max(`match_floor`, the
-   `random_quantile` quantile of the best cosine between random unit atoms of the same width and number).
+2. Within one dictionary, alive latents whose decoder atoms have cosine >= max(`merge_floor`, chance) are
+   one *direction* (a feature split into near-duplicates counts once); chance = the `random_quantile`
+   quantile of the best cosine between random unit atoms of the same width and number.
 3. A direction is *reproduced* if a second seed of the same size has a direction matched to it one-to-one
-   (Hungarian) with cosine >= tau. N(m) = reproduced directions at size m, averaged over seed pairs.
+   (Hungarian) with cosine >= tau = max(`match_floor`, chance). N(m) = reproduced directions at size m, averaged over seed pairs.
 4. The estimate is the plateau of N(m): the first size after which N neither rises by more than
    `saturation_tolerance`·N + `saturation_slack` at any larger size nor falls below that band at the next
    size; the estimate is the largest N on the plateau. No plateau inside the sweep: no estimate, only the
@@ -39,7 +39,9 @@ from .metrics import hungarian_match
 @dataclass
 class CountConfig:
     match_floor: float = field(default=0.9, metadata={
-        "help": "lowest decoder cosine at which two latents are the same direction"})
+        "help": "lowest decoder cosine at which latents of two seeds are the same direction"})
+    merge_floor: float = field(default=0.8, metadata={
+        "help": "lowest decoder cosine at which two latents of one dictionary are one split direction"})
     random_quantile: float = field(default=0.99, metadata={
         "help": "quantile of the best cosine between random atoms that the match threshold must exceed"})
     alive_frequency: float = field(default=0.0, metadata={
@@ -53,11 +55,14 @@ class CountConfig:
     confidence: float = field(default=0.95, metadata={
         "help": "a test-loss improvement counts if this share of bootstrap resamples shows one"})
     max_seed_pairs: int = field(default=3, metadata={"help": "seed pairs averaged per size"})
+    undertrained_tolerance: float = field(default=0.05, metadata={
+        "help": "warn when a larger dictionary ends with a training objective this much above a smaller one's"})
     seed: int = field(default=0, metadata={"help": "seed of the random calibration and the bootstrap"})
 
     def __post_init__(self):
-        if not 0.0 < self.match_floor <= 1.0:
-            raise ValueError(f"match_floor must be in (0, 1], got {self.match_floor}")
+        for name in ("match_floor", "merge_floor"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 < self.random_quantile < 1.0:
             raise ValueError(f"random_quantile must be in (0, 1), got {self.random_quantile}")
         if not 0.5 <= self.confidence < 1.0:
@@ -97,8 +102,13 @@ def random_match_threshold(d: int, m: int, quantile: float = 0.99, seed: int = 0
 
 
 def match_threshold(d: int, m: int, config: CountConfig) -> float:
-    """tau = max(match_floor, random_match_threshold(d, m))."""
+    """tau = max(match_floor, random_match_threshold(d, m)): latents of two seeds are the same direction."""
     return max(config.match_floor, random_match_threshold(d, max(m, 1), config.random_quantile, config.seed))
+
+
+def merge_threshold(d: int, m: int, config: CountConfig) -> float:
+    """max(merge_floor, random_match_threshold(d, m)): latents of one dictionary are one (split) direction."""
+    return max(config.merge_floor, random_match_threshold(d, max(m, 1), config.random_quantile, config.seed))
 
 
 def distinct_directions(decoder: np.ndarray, threshold: float, frequency: np.ndarray | None = None) -> np.ndarray:
@@ -129,12 +139,14 @@ def reproduced_pairs(a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarr
 
 def reproduced_directions(dec_a: np.ndarray, dec_b: np.ndarray, threshold: float,
                           freq_a: np.ndarray | None = None, freq_b: np.ndarray | None = None,
-                          alive_frequency: float = 0.0) -> int:
-    """Distinct alive directions of dictionary a that dictionary b reproduces (steps 1-3 of the rule)."""
+                          alive_frequency: float = 0.0, merge: float | None = None) -> int:
+    """Distinct alive directions of dictionary a that dictionary b reproduces (steps 1-3 of the rule):
+    atoms within `merge` (default: `threshold`) of each other are merged, then matched at `threshold`."""
+    merge = threshold if merge is None else merge
     a, fa = _alive(dec_a, freq_a, alive_frequency)
     b, fb = _alive(dec_b, freq_b, alive_frequency)
-    ra = distinct_directions(a, threshold, fa)
-    rb = distinct_directions(b, threshold, fb)
+    ra = distinct_directions(a, merge, fa)
+    rb = distinct_directions(b, merge, fb)
     return int(reproduced_pairs(a[ra], b[rb], threshold).shape[0])
 
 
@@ -265,6 +277,7 @@ class SizeRow:
     test_mse: float
     train_fvu: float
     test_fvu: float
+    train_objective: float  # the training loss (MSE + sparsity penalty) on the train sample
     gap: float            # test MSE − train MSE
     l0: float             # on the test split
     dead_fraction: float  # on the test split
@@ -320,6 +333,7 @@ class SweepCount:
     sizes: list[SizeRow]
     saturation: Saturation
     held_out: HeldOutStop
+    warnings: list[str] = field(default_factory=list)
     comparisons: dict[str, Comparison] = field(default_factory=dict)
 
     @property
@@ -328,9 +342,11 @@ class SweepCount:
 
     def estimate_text(self) -> str:
         s = self.saturation
+        mark = " *" if self.warnings else ""  # * = see warnings (undertrained sizes)
         if s.estimate is None:
-            return f"no saturation up to m={s.largest_size} (>{s.lower_bound:.0f})"
-        return f"{s.estimate:.0f}±{s.uncertainty:.0f} (m={s.size})"
+            lower = "" if math.isnan(s.lower_bound) else f" (>{s.lower_bound:.0f})"
+            return f"no saturation up to m={s.largest_size}{lower}{mark}"
+        return f"{s.estimate:.0f}±{s.uncertainty:.0f} (m={s.size}){mark}"
 
     def held_out_text(self) -> str:
         h = self.held_out
@@ -421,7 +437,23 @@ def count_sweep(r, label: str, role: str, key: tuple, members: list, config: Cou
     arch, sparsity_name, sparsity = key
     return SweepCount(label=label, results_path=str(r.path), site=r.site, d=int(r.d), role=role, arch=arch,
                       sparsity_name=sparsity_name, sparsity=sparsity, expected=expected_features(r),
-                      sizes=rows, saturation=saturation, held_out=held)
+                      sizes=rows, saturation=saturation, held_out=held,
+                      warnings=undertraining_warnings(rows, config.undertrained_tolerance))
+
+
+def undertraining_warnings(rows: list[SizeRow], tolerance: float = 0.05) -> list[str]:
+    """A larger dictionary can do whatever a smaller one does (extra latents at zero), so at convergence its
+    training objective is no higher. One that ends more than `tolerance` above a smaller size's has not
+    converged, and N(m) at that size undercounts: say so beside the estimate."""
+    out = []
+    for k in range(1, len(rows)):
+        best = min(rows[:k], key=lambda r: r.train_objective)
+        if rows[k].train_objective > best.train_objective * (1 + tolerance):
+            out.append(f"undertrained: m={rows[k].size} ends with a training objective "
+                       f"{rows[k].train_objective / best.train_objective - 1:+.0%} above m={best.size}'s; "
+                       "train longer before reading N(m) there")
+            break
+    return out
 
 
 def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
@@ -435,12 +467,14 @@ def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
         return float(np.mean(values)) if values else math.nan
 
     tau = match_threshold(int(r.d), size, config)
+    merge = merge_threshold(int(r.d), size, config)
     pairs = list(itertools.combinations(members, 2))[:config.max_seed_pairs]
     found = [reproduced_directions(r.decoder(a.id), r.decoder(b.id), tau,
                                    r.feature_frequency(a.id, "test"), r.feature_frequency(b.id, "test"),
-                                   config.alive_frequency) for a, b in pairs]
+                                   config.alive_frequency, merge) for a, b in pairs]
     return SizeRow(size=size, seeds=len(members), train_mse=mean("train", "mse"), test_mse=mean("test", "mse"),
                    train_fvu=mean("train", "fvu"), test_fvu=mean("test", "fvu"),
+                   train_objective=mean("train", "loss"),
                    gap=mean("test", "mse") - mean("train", "mse"), l0=mean("test", "l0"),
                    dead_fraction=mean("test", "dead_fraction"), mmcs_next=signal("mmcs_next"),
                    shared_seed=signal("shared_seed"), mmcs_gt=signal("mmcs_gt"), threshold=tau,

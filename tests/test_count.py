@@ -114,6 +114,18 @@ def test_a_single_size_never_saturates_and_nothing_is_zero():
     assert (s.estimate, s.size) == (1, 16)
 
 
+def size_rows(objectives):
+    return [C.SizeRow(size=16 * 2 ** i, seeds=2, train_mse=o, test_mse=o, train_fvu=o, test_fvu=o, train_objective=o,
+                      gap=0.0, l0=1.0, dead_fraction=0.0, mmcs_next=math.nan, shared_seed=math.nan, mmcs_gt=math.nan,
+                      threshold=0.9, reproduced=1.0, reproduced_spread=0.0) for i, o in enumerate(objectives)]
+
+
+def test_a_larger_dictionary_with_a_higher_training_objective_is_flagged_undertrained():
+    assert C.undertraining_warnings(size_rows([0.5, 0.3, 0.2, 0.21, 0.2])) == []
+    (warning,) = C.undertraining_warnings(size_rows([0.5, 0.3, 0.2, 0.25, 0.3]))
+    assert warning.startswith("undertrained: m=128") and "+25%" in warning and "m=64" in warning
+
+
 # ---- the held-out stop -----------------------------------------------------------------------
 
 
@@ -267,3 +279,58 @@ def test_count_json_is_strict_json(study_files):
     toy = next(x for x in json.loads(text) if x["label"] == "sparse")
     assert toy["comparisons"]["null"]["within_noise"] is False
     assert toy["sizes"][-1]["mmcs_next"] == pytest.approx(0.5 + 0.005 * 64, abs=1e-6)
+
+
+# ---- the estimator on real sweeps of toy data ----------------------------------------------------
+
+# Settings that converge on 2 CPU cores in seconds: ~2 active features per row, L1 α = 0.3 (per row,
+# not divided by m), Adam at 1e-2 for 1000 steps, two seeds.
+TOY_SWEEP = dict(l1=[0.3], seeds=[0, 1], steps=1000, lr=1e-2, checkpoint_every=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small dictionaries train as fast on one thread; two OpenMP threads on two shared cores can spin
+    against other processes and run 30x slower. Restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sweep(store, out, sizes, **kw):
+    from sparsefeat.train import SweepConfig, train_sweep
+    return train_sweep(store, SweepConfig(sizes=sizes, **{**TOY_SWEEP, **kw}), out, progress=False)
+
+
+@pytest.mark.parametrize("n,d", [(32, 16), (64, 32), (128, 64)])
+def test_estimate_recovers_the_true_number_of_features_on_toy_data(n, d, tmp_path, one_thread):
+    from sparsefeat.toys import write_toy
+    store = write_toy("sparse", tmp_path / "toy.h5", n_samples=20_000, n_features=n, d=d, mean_active=2.0,
+                      progress=False)
+    results = sweep(store, tmp_path / "sweep.h5", [n // 2, n, 2 * n, 4 * n])  # 4n confirms a plateau at 2n
+    (c,) = C.count_results([results])
+    assert c.role == "toy" and c.expected == n
+    assert c.saturation.estimate == pytest.approx(n, rel=0.2), C.size_table(c)
+    assert c.saturation.size in (n, 2 * n) and not c.warnings
+    raw = [s.shared_seed for s in c.sizes]  # the trainer's own cross-seed share, for contrast: it falls
+    assert raw[-1] < raw[1]                  # as m grows past n, so no plateau of it marks n
+
+
+def test_excess_over_the_matched_null_is_within_noise_without_sparse_structure(tmp_path, one_thread):
+    """A matched Gaussian against its own matched null: nothing to count beyond the null. The toy it
+    was matched to, against its null: an excess far beyond noise."""
+    from sparsefeat.toys import write_toy
+    toy = write_toy("sparse", tmp_path / "toy.h5", n_samples=20_000, n_features=64, d=32, mean_active=2.0,
+                    progress=False)
+    gauss = write_toy("matched", tmp_path / "gauss.h5", n_samples=20_000, source=str(toy), progress=False)
+    null = write_toy("matched", tmp_path / "gauss-null.h5", n_samples=20_000, source=str(gauss), seed=1,
+                     progress=False)
+    files = [sweep(s, tmp_path / f"sweep-{s.stem}.h5", [16, 32, 64, 128], label=s.stem) for s in (toy, gauss, null)]
+    by = {c.label: c for c in C.count_results(files)}
+    assert by["gauss"].role == "null" and by["gauss"].comparisons["null"].against == "gauss-null"
+    assert by["gauss"].comparisons["null"].within_noise is True
+    assert abs(by["gauss"].comparisons["null"].excess) <= 3
+    toy_vs_null = by["toy"].comparisons["null"]
+    assert toy_vs_null.against == "gauss" and toy_vs_null.within_noise is False and toy_vs_null.excess > 40
