@@ -357,3 +357,53 @@ def test_cli_sweep_prints_a_table_or_json_and_refuses_to_overwrite(small_store, 
     assert "must be positive" in capsys.readouterr().err
     assert main(["sweep", str(small_store), "--site", "nope", "--out", str(tmp_path / "x.h5")]) == 2
     assert "no site 'nope'" in capsys.readouterr().err
+
+
+# ---- CUDA (run by benchmarks/gpu_check.sh on a machine with a GPU; skipped elsewhere) ---------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_sweep_matches_cpu(toy_store, tmp_path):
+    cfg = dict(sizes=["32", "64"], l1=[0.6], seeds=[0, 1], steps=600, lr=3e-3, test_curve_points=2)
+    cpu = load_results(train_sweep(toy_store, SweepConfig(device="cpu", **cfg), tmp_path / "cpu.h5", progress=False))
+    gpu = load_results(train_sweep(toy_store, SweepConfig(device="cuda", **cfg), tmp_path / "gpu.h5", progress=False))
+    assert gpu.config["run"]["device"].startswith("cuda")
+    for a, b in zip(cpu.members, gpu.members):
+        for split in ("train", "test"):
+            assert b.metrics[split]["loss"] == pytest.approx(a.metrics[split]["loss"], rel=0.02)
+        assert b.signals["mmcs_gt"] == pytest.approx(a.signals["mmcs_gt"], abs=0.02)
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["relu-l1", "topk"])
+def test_cuda_bf16_autocast_prefetch_and_compile(toy_store, tmp_path, arch):
+    cfg = dict(sizes=["64", "128"], arch=arch, l1=[0.6], k=[5], steps=2000, lr=3e-3, device="cuda", prefetch=2)
+    fp32 = load_results(train_sweep(toy_store, SweepConfig(**cfg), tmp_path / "fp32.h5", progress=False))
+    fast = load_results(train_sweep(toy_store, SweepConfig(bf16=True, compile=True, **cfg), tmp_path / "bf16.h5",
+                                    progress=False))
+    for a, b in zip(fp32.members, fast.members):
+        assert math.isfinite(b.metrics["test"]["loss"])
+        assert b.metrics["test"]["loss"] == pytest.approx(a.metrics["test"]["loss"], rel=0.1)
+        assert b.signals["mmcs_gt"] >= 0.9
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["relu-l1", "topk"])
+def test_cuda_step_loop_never_waits_for_the_device(toy_store, tmp_path, arch):
+    from sparsefeat.train import Sweep
+    cfg = SweepConfig(sizes=["32", "64"], arch=arch, k=[4], seeds=[0, 1], steps=100, device="cuda",
+                      model={"auxk_dead_rows": 256})
+    with ActivationStore(toy_store) as s:
+        sweep = Sweep(s, cfg, tmp_path / "x.h5", progress=False)
+        sweep.start(resume=False, force=False)
+        sweep.train(until=10)  # warm-up, and (topk) a log that switches AuxK on for dead latents
+        batches = [b for b, _ in zip(sweep._batches, range(20))]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses = [sweep.step_on(b) for b in batches]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(per_member).all() for step in losses for per_member in step)

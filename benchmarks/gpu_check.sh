@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU check of the sweep trainer, for a session lent a CUDA machine (one H200). Under 5 minutes.
+#
+#   bash benchmarks/gpu_check.sh          # from anywhere; PYTHON=... to choose the interpreter
+#
+# It uses the machine's own python and torch (there is no venv and no network there) and imports
+# sparsefeat from this tree (PYTHONPATH), so nothing is installed. It needs numpy, scipy, h5py, tqdm
+# and pytest beside a CUDA torch; if some are missing it installs them from wheels carried in
+# .gpu-wheels/ (prepare them here with: pip download --only-binary=:all: --python-version <the GPU
+# machine's X.Y> -d .gpu-wheels h5py scipy tqdm pytest), into .gpu-site/, else it stops and says so.
+#
+# Steps: versions; the trainer's CUDA tests (CUDA vs CPU, bf16 autocast + pinned prefetch +
+# torch.compile, no host synchronisation in the step loop); the CPU-equivalence tests on this
+# machine; bench_train.py on cuda. Each step has its own time limit and prints its numbers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1
+status=0
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda",
+torch.version.cuda, "| available", torch.cuda.is_available())' || exit 1
+
+missing=$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("numpy", "scipy", "h5py", "tqdm", "pytest") if u.find_spec(m) is None))')
+if [ -n "$missing" ]; then
+  if [ -d .gpu-wheels ]; then
+    echo "== installing $missing from .gpu-wheels into .gpu-site"
+    "$PY" -m pip install -q --no-index --find-links .gpu-wheels --target .gpu-site $missing || exit 1
+    export PYTHONPATH="$PWD/.gpu-site:$PYTHONPATH"
+  else
+    echo "missing python packages: $missing; carry wheels in .gpu-wheels/ (see the top of this script)"
+    exit 1
+  fi
+fi
+"$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"' || exit 1
+
+echo "== trainer tests on CUDA"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train.py -k cuda --durations=5 || status=1
+
+echo "== sweep = solo and resume = uninterrupted (CPU code path, this machine)"
+timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py -k "alone or resume_after" || status=1
+
+echo "== bench_train.py on cuda"
+timeout 90 "$PY" benchmarks/bench_train.py --device cuda --repeats 2 --steps 200 --sweep-steps 300 || status=1
+
+exit $status
