@@ -60,7 +60,8 @@ class SweepConfig:
     l1: list[float] = field(default_factory=lambda: [0.3], metadata={
         "help": "relu-l1: L1 coefficients α (see --l1-reduction)"})
     k: list[int] = field(default_factory=lambda: [16], metadata={"help": "topk: active latents per row"})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "initialisation seeds"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={
+        "help": "initialisation seeds (two or more give the cross-seed agreement every count needs)"})
     steps: int | None = field(default=None, metadata={
         "help": f"training steps (default {DEFAULT_STEPS} when --epochs is not given)"})
     epochs: float | None = field(default=None, metadata={"help": "train for this many passes over the train split"})

@@ -82,7 +82,7 @@ def test_seeds_agree_at_the_true_size(toy_sweep):
 def test_train_loss_below_test_loss_with_a_gap_growing_with_size(tmp_path):
     store = write_toy("sparse", tmp_path / "noisy.h5", n_samples=2000, seed=1, n_features=N_FEATURES, d=D,
                       mean_active=5.0, noise=0.5, test_fraction=0.5, progress=False)
-    cfg = SweepConfig(sizes=["16", "128", "1024"], l1=[0.3], steps=2000, lr=3e-3, test_curve_points=0)
+    cfg = SweepConfig(sizes=["16", "128", "1024"], l1=[0.3], seeds=[0], steps=2000, lr=3e-3, test_curve_points=0)
     r = load_results(train_sweep(store, cfg, tmp_path / "sweep.h5", progress=False))
     gaps = []
     for m in sorted(r.members, key=lambda m: m.dictionary_size):
@@ -94,7 +94,7 @@ def test_train_loss_below_test_loss_with_a_gap_growing_with_size(tmp_path):
 
 
 def test_topk_keeps_k_latents_and_recovers_features(toy_store, tmp_path):
-    cfg = SweepConfig(sizes=["16", "64"], arch="topk", k=[4, 8], steps=1500, lr=3e-3, test_curve_points=0,
+    cfg = SweepConfig(sizes=["16", "64"], arch="topk", k=[4, 8], seeds=[0], steps=1500, lr=3e-3, test_curve_points=0,
                       model={"auxk_dead_rows": 20000})
     r = load_results(train_sweep(toy_store, cfg, tmp_path / "topk.h5", progress=False))
     for m in r.members:
@@ -379,7 +379,8 @@ def test_cuda_sweep_matches_cpu(toy_store, tmp_path):
 @cuda
 @pytest.mark.parametrize("arch", ["relu-l1", "topk"])
 def test_cuda_bf16_autocast_prefetch_and_compile(toy_store, tmp_path, arch):
-    cfg = dict(sizes=["64", "128"], arch=arch, l1=[0.6], k=[5], steps=2000, lr=3e-3, device="cuda", prefetch=2)
+    cfg = dict(sizes=["64", "128"], arch=arch, l1=[0.6], k=[5], seeds=[0], steps=2000, lr=3e-3, device="cuda",
+               prefetch=2)
     fp32 = load_results(train_sweep(toy_store, SweepConfig(**cfg), tmp_path / "fp32.h5", progress=False))
     fast = load_results(train_sweep(toy_store, SweepConfig(bf16=True, compile=True, **cfg), tmp_path / "bf16.h5",
                                     progress=False))
