@@ -118,7 +118,6 @@ class SAE(torch.nn.Module):
 
     name: ClassVar[str] = ""
     sparsity_name: ClassVar[str] = ""  # what the per-member sparsity setting is: "l1" or "k"
-    has_decoder_bias: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -145,7 +144,8 @@ class SAE(torch.nn.Module):
         self.register_buffer("sparsity", torch.tensor(self.sparsities))
 
     def uses_decoder_bias(self) -> bool:
-        return self.has_decoder_bias
+        """Whether the decoder bias is learned (otherwise it is a zero buffer)."""
+        return True
 
     @property
     def members(self) -> int:

@@ -56,7 +56,8 @@ class SweepConfig:
     site: str | None = field(default=None, metadata={"help": "store site to train on (default: its only site)"})
     sizes: list[str] = field(default_factory=lambda: ["0.5x", "1x", "2x", "4x", "8x"], metadata={
         "help": "dictionary sizes: absolute (256) or ratios of the width d (0.5x, 2x)"})
-    arch: str = field(default="relu-l1", metadata={"help": "architecture", "choices": ("relu-l1", "topk")})
+    arch: str = field(default="relu-l1", metadata={
+        "help": "architecture, a name in sparsefeat.sae.ARCHITECTURES (relu-l1, topk, or one you register)"})
     l1: list[float] = field(default_factory=lambda: [0.3], metadata={
         "help": "relu-l1: L1 coefficients α (see --l1-reduction)"})
     k: list[int] = field(default_factory=lambda: [16], metadata={"help": "topk: active latents per row"})
@@ -185,16 +186,20 @@ def store_fingerprint(store: ActivationStore, site: str) -> str:
     h.update(np.packbits(store.split_mask("test")).tobytes())
     ds = store.f["activations"][site]
     h.update(f"{ds.shape}{ds.dtype}{store.committed}".encode())
-    blocks = store._blocks(ds)
-    for i in sorted({round(j * (len(blocks) - 1) / 15) for j in range(16)} if blocks else []):
-        s, e = blocks[i]
-        h.update(np.ascontiguousarray(ds[s:e]).tobytes())
+    rows = ds.chunks[0] if ds.chunks else 4096
+    n_blocks = math.ceil(store.committed / rows)
+    for i in sorted({round(j * (n_blocks - 1) / 15) for j in range(16)} if n_blocks else []):
+        h.update(np.ascontiguousarray(ds[i * rows:min((i + 1) * rows, store.committed)]).tobytes())
     return h.hexdigest()[:16]
 
 
 def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | os.PathLike, *,
                 resume: bool = False, force: bool = False, progress: bool = True) -> Path:
-    """Train every member of `config` on the store, evaluate, and write the results file `out`."""
+    """Train every member of `config` on the store, evaluate, and write the results file `out`.
+
+    `resume=True` continues from `<out>.ckpt` when it exists (same config and store, else a one-line
+    error) and starts from scratch when it does not; `force=True` replaces an existing results file
+    (and discards an old checkpoint unless resuming)."""
     out = Path(out)
     if out.exists() and not force:
         hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
@@ -246,6 +251,7 @@ class Sweep:
         self.step = 0
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
         self._batches = None  # the training stream, opened at the first train() call
+        self.checkpoint_step: int | None = None  # step of the checkpoint on disk that this run wrote or resumed
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -258,6 +264,8 @@ class Sweep:
             elif not force:
                 raise TrainingError(f"{self.ckpt}: a checkpoint of an unfinished sweep exists; pass --resume to "
                                     "continue it or --force to start again")
+            else:
+                self.ckpt.unlink()  # --force: start again, and never point at the old run's checkpoint
         if state is None:
             self.scale, self.bias = self._sample_statistics()
         else:
@@ -322,6 +330,7 @@ class Sweep:
         tmp = Path(str(self.ckpt) + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt)
+        self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> dict:
         try:
@@ -346,7 +355,7 @@ class Sweep:
         for st, sd in zip(self.stacks, state["stacks"]):
             st.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
+        self.step = self.checkpoint_step = int(state["step"])
         self.curves = state["curves"]
 
     # -- training --------------------------------------------------------------------------------
@@ -437,8 +446,8 @@ class Sweep:
         bar.set_postfix(loss=f"{np.mean(flat):.4g}", worst=f"{max(flat):.4g}", refresh=False)
 
     def _diverged(self, spec: MemberSpec, step: int):
-        kept = (f"the last good checkpoint {self.ckpt} (step {int(torch.load(self.ckpt, weights_only=True)['step'])}) "
-                "is kept") if self.ckpt.exists() else "no checkpoint was written yet"
+        kept = (f"the last good checkpoint {self.ckpt} (step {self.checkpoint_step}) is kept"
+                if self.checkpoint_step is not None else "no checkpoint was written yet")
         raise TrainingError(f"{self.out}: member {spec.id} got a NaN/Inf loss at step {step + 1}; training stopped "
                             f"and {kept}; try a lower --lr or check the data")
 
@@ -461,8 +470,9 @@ class Sweep:
         else:
             stream = _take_rows(self.store.batches(self.site, "train", cfg.batch_size, seed=cfg.data_seed + 104729,
                                                    epochs=1, device=self.device), n_test)
-        return tqdm(stream, total=math.ceil(min(n_test, self.n_train if split == "train" else n_test) / cfg.batch_size),
-                    desc=f"evaluate {split}", unit="batch", disable=not self.progress, leave=False)
+        rows = n_test if split == "test" else min(n_test, self.n_train)
+        return tqdm(stream, total=math.ceil(rows / cfg.batch_size), desc=f"evaluate {split}", unit="batch",
+                    disable=not self.progress, leave=False)
 
     @torch.no_grad()
     def _evaluate_batches(self, batches, keep_rows: bool = True) -> list[dict]:
