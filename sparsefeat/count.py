@@ -57,7 +57,7 @@ class CountConfig:
     max_seed_pairs: int = field(default=3, metadata={"help": "seed pairs averaged per size"})
     undertrained_tolerance: float = field(default=0.05, metadata={
         "help": "warn when a larger dictionary ends with a training objective this much above a smaller one's"})
-    seed: int = field(default=0, metadata={"help": "seed of the random calibration and the bootstrap"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
 
     def __post_init__(self):
         for name in ("match_floor", "merge_floor"):
@@ -81,34 +81,31 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
-CALIBRATION_SAMPLES = 20_000
+@functools.lru_cache(maxsize=1024)
+def random_match_threshold(d: int, m: int, quantile: float = 0.99) -> float:
+    """The `quantile` of max_j cos(a, b_j) for a unit atom a and m independent random unit atoms b_j in d dims.
 
-
-@functools.lru_cache(maxsize=256)
-def random_match_threshold(d: int, m: int, quantile: float = 0.99, seed: int = 0) -> float:
-    """The `quantile` of max_j cos(a_i, b_j) for two dictionaries of m random unit atoms in d dims.
-
-    A cosine this high arises by chance between unrelated atoms, so a match must beat it. The best
-    cosine per atom (not the one-to-one matched one) is the stricter choice and also serves to merge
-    near-duplicates within one dictionary.
+    A cosine this high arises by chance between unrelated atoms, so a match must beat it. Exact: for a
+    fixed a, (cos(a, b_j) + 1)/2 ~ Beta((d−1)/2, (d−1)/2) independently over j, so the best of m has CDF
+    F(t)^m and its quantile q is F⁻¹(q^(1/m)). The best cosine per atom (not the one-to-one matched
+    one) is the stricter choice and also serves to merge near-duplicates within one dictionary.
     """
-    rng = np.random.default_rng([seed, d, m])
-    best = []
-    for _ in range(max(1, math.ceil(CALIBRATION_SAMPLES / m))):  # enough atoms for a steady quantile
-        a = _unit_rows(rng.standard_normal((m, d)))
-        b = _unit_rows(rng.standard_normal((m, d)))
-        best.append((a @ b.T).max(axis=1))
-    return float(np.quantile(np.concatenate(best), quantile))
+    from scipy.stats import beta
+    if d < 2:
+        return 1.0
+    upper = -math.expm1(math.log(quantile) / max(m, 1))  # 1 − q^(1/m), accurate for large m
+    half = (d - 1) / 2
+    return float(2 * beta.isf(upper, half, half) - 1)
 
 
 def match_threshold(d: int, m: int, config: CountConfig) -> float:
     """tau = max(match_floor, random_match_threshold(d, m)): latents of two seeds are the same direction."""
-    return max(config.match_floor, random_match_threshold(d, max(m, 1), config.random_quantile, config.seed))
+    return max(config.match_floor, random_match_threshold(d, max(m, 1), config.random_quantile))
 
 
 def merge_threshold(d: int, m: int, config: CountConfig) -> float:
     """max(merge_floor, random_match_threshold(d, m)): latents of one dictionary are one (split) direction."""
-    return max(config.merge_floor, random_match_threshold(d, max(m, 1), config.random_quantile, config.seed))
+    return max(config.merge_floor, random_match_threshold(d, max(m, 1), config.random_quantile))
 
 
 def distinct_directions(decoder: np.ndarray, threshold: float, frequency: np.ndarray | None = None) -> np.ndarray:
