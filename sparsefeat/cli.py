@@ -342,6 +342,75 @@ class HarvestCommand(Command):
 # (section: count)
 
 
+class CountCommand(Command):
+    name = "count"
+    help = ("estimate the number of features in sweep results, beside their controls, and where more "
+            "latents stop helping on held-out data")
+
+    def configure(self, p):
+        p.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="sweep results files (sweep.h5)")
+        p.add_argument("--json", action="store_true", help="print the full count as JSON")
+        p.add_argument("--by-size", action="store_true", help="also print each sweep's numbers by size")
+        from .count import CountConfig
+        add_config_args(p, CountConfig, group="counting rule")
+
+    def run(self, args):
+        from . import count
+        counts = count.count_results(args.results, config_from_args(count.CountConfig, args))
+        if args.json:
+            print_json(count.to_json(counts))
+            return 0
+        print(count.format_table(count.TABLE_COLUMNS, count.table_rows(counts)))
+        for c in counts:
+            for warning in c.warnings:
+                print(f"* {c.label} ({c.setting}): {warning}")
+        if args.by_size:
+            for c in counts:
+                print(f"\n{c.label} [{c.role}] {c.setting}\n{count.size_table(c)}")
+        return 0
+
+
+class PlotCommand(Command):
+    name = "plot"
+    help = "draw the figures of a count (PNG and PDF) from sweep results files"
+
+    def configure(self, p):
+        p.add_argument("results", nargs="+", type=Path, metavar="RESULTS", help="sweep results files (sweep.h5)")
+        p.add_argument("--out", type=Path, required=True, help="folder for the figures")
+        p.add_argument("--force", action="store_true", help="overwrite existing figures")
+        from .count import CountConfig
+        add_config_args(p, CountConfig, group="counting rule")
+
+    def run(self, args):
+        from . import count, plots
+        counts = count.count_results(args.results, config_from_args(count.CountConfig, args))
+        for path in plots.plot_all(counts, args.out, force=args.force):
+            print(path)
+        return 0
+
+
+class RunCommand(Command):
+    name = "run"
+    help = ("a whole study into one folder: toy data and controls, MiniLM layers and their random-init "
+            "twins, matched nulls, sweeps, the count, figures and report.md")
+
+    def configure(self, p):
+        p.add_argument("--out", type=Path, required=True, help="study folder (stores/, sweeps/, figures/, ...)")
+        p.add_argument("--config", type=Path, help="TOML study config overriding the defaults (see study.toml "
+                                                   "in any study folder for every key)")
+        p.add_argument("--quick", action="store_true", help="a CI-sized study (about two minutes on 2 CPU cores)")
+        p.add_argument("--force", action="store_true", help="redo every stage, overwriting the folder's outputs")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show progress bars (default: on)")
+
+    def run(self, args):
+        from . import run as study
+        config = study.load_config(args.config, quick=args.quick)
+        summary = study.run_study(config, args.out, force=args.force, progress=args.progress)
+        print(summary)
+        return 0
+
+
 # --------------------------------------------------------------------------------------------
 
 
