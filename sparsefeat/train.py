@@ -112,7 +112,7 @@ class SweepConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         for s in self.sizes:
-            parse_size(s, 1 << 20)  # the form and sign now; whole latents once d is known
+            _size_value(s)  # the form and sign now; whole latents once d is known
         if not self.sizes or not self.seeds or not self.sparsities:
             raise ValueError("a sweep needs at least one size, one seed and one sparsity setting")
         if any(not (math.isfinite(s) and s >= 0) for s in self.sparsities):
@@ -135,13 +135,22 @@ class SweepConfig:
                 for m in self.resolved_sizes(d)]
 
 
-def parse_size(text, d: int) -> int:
-    """'256' -> 256; '2x' -> 2·d; '0.5x' -> d/2 (rounded). Raises ValueError unless positive."""
+def _size_value(text) -> tuple[float, bool]:
+    """'256' -> (256, False); '2x' -> (2.0, True). Raises ValueError unless a positive number."""
     s = str(text).strip().lower()
     try:
-        m = round(float(s[:-1]) * d) if s.endswith("x") else int(s)
+        value, ratio = (float(s[:-1]), True) if s.endswith("x") else (int(s), False)
     except ValueError:
         raise ValueError(f"dictionary size {text!r} is neither a whole number nor a ratio like 2x") from None
+    if not value > 0:
+        raise ValueError(f"dictionary size must be positive, got {text!r}")
+    return value, ratio
+
+
+def parse_size(text, d: int) -> int:
+    """'256' -> 256; '2x' -> 2·d; '0.5x' -> d/2 (rounded). Raises ValueError unless at least one latent."""
+    value, ratio = _size_value(text)
+    m = round(value * d) if ratio else int(value)
     if m <= 0:
         raise ValueError(f"dictionary size must be positive, got {text!r} (= {m} latents at d = {d})")
     return m
@@ -205,6 +214,12 @@ def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | o
         hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
             "already exists; pass --force to overwrite it"
         raise ResultsError(f"{out}: {hint}")
+    try:  # find out now, not after hours of training, that the results cannot be written
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResultsError(f"{out}: cannot create its folder ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ResultsError(f"{out}: its folder is not writable")
     with ActivationStore(store_path) as store:
         sweep = Sweep(store, config, out, progress=progress)
         sweep.start(resume=resume, force=force)
