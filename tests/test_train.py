@@ -4,7 +4,6 @@ and the results file it writes."""
 import itertools
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
