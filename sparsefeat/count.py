@@ -404,11 +404,8 @@ def _sparsity_groups(r) -> dict[tuple, list]:
 def expected_features(r) -> int | None:
     prov = r.store_provenance or {}
     params = prov.get("params") or {}
-    if prov.get("generator") == "sparse":
-        return int(params.get("n_features"))
-    if prov.get("generator") == "gmm":
-        return int(params.get("k"))
-    return None
+    key = {"sparse": "n_features", "gmm": "k"}.get(prov.get("generator"))
+    return int(params[key]) if key and params.get(key) is not None else None
 
 
 def count_sweep(r, label: str, role: str, key: tuple, members: list, config: CountConfig) -> SweepCount:
@@ -424,8 +421,10 @@ def count_sweep(r, label: str, role: str, key: tuple, members: list, config: Cou
         test_sse.append(np.mean([r.row_sse(m.id, "test") for m in ms], axis=0))
         train_loss.append(rows[-1].train_mse)
     counts = [row.reproduced for row in rows]
+    warnings = undertraining_warnings(rows, config.undertrained_tolerance)
     if any(math.isnan(c) for c in counts):
         saturation = Saturation(None, None, None, math.nan, sizes[-1])
+        warnings.append("one seed at some size: N(m) needs two seeds per size (SweepConfig.seeds)")
     else:
         saturation = find_saturation(sizes, counts, config.saturation_tolerance, config.saturation_slack,
                                      [row.reproduced_spread for row in rows])
@@ -435,7 +434,7 @@ def count_sweep(r, label: str, role: str, key: tuple, members: list, config: Cou
     return SweepCount(label=label, results_path=str(r.path), site=r.site, d=int(r.d), role=role, arch=arch,
                       sparsity_name=sparsity_name, sparsity=sparsity, expected=expected_features(r),
                       sizes=rows, saturation=saturation, held_out=held,
-                      warnings=undertraining_warnings(rows, config.undertrained_tolerance))
+                      warnings=warnings)
 
 
 def undertraining_warnings(rows: list[SizeRow], tolerance: float = 0.05) -> list[str]:
@@ -505,7 +504,8 @@ def _store_key(path: str, site: str) -> tuple[str, str]:
     return str(Path(path).expanduser().resolve()), site
 
 
-def _layer(site: str) -> int | None:
+def layer_of_site(site: str) -> int | None:
+    """The hidden-state index of a harvested site name (resid_L), else None."""
     found = re.fullmatch(r"resid_(\d+)", site or "")
     return int(found.group(1)) if found else None
 
@@ -539,7 +539,7 @@ def find_relations(results, labels) -> dict[str, dict[str, str]]:
             if label2 == label or prov2.get("model") != prov.get("model"):
                 continue
             same_init = bool(prov2.get("random_init")) == bool(prov.get("random_init"))
-            if same_init and _layer(r2.site) == 0 and _layer(r.site) not in (0, None):
+            if same_init and layer_of_site(r2.site) == 0 and layer_of_site(r.site) not in (0, None):
                 relations[label]["layer 0"] = label2
             if not prov.get("random_init") and prov2.get("random_init") and r2.site == r.site:
                 relations[label]["random init"] = label2

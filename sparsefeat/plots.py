@@ -196,6 +196,36 @@ def loss_vs_l0(counts: list[SweepCount], metric: str = "fvu") -> Figure:
     return fig
 
 
+def count_by_layer(counts: list[SweepCount]) -> Figure:
+    """Model sites: reproduced directions N(m) at each sweep's largest size vs layer, for the trained
+    model (solid), the random-init model (dashed) and the matched nulls (dotted). Not in FIGURES: a
+    study without model sites has nothing to show here."""
+    from .count import layer_of_site
+    fig, (ax,) = _new()
+    by_label = {c.label: c for c in counts}
+    series = {"trained": [], "random init": [], "matched null": []}
+    for c in counts:
+        layer = layer_of_site(c.site)
+        if layer is None or c.role not in ("model", "random-init"):
+            continue
+        series["trained" if c.role == "model" else "random init"].append((layer, c.sizes[-1].reproduced, c.sizes[-1].size))
+        null = by_label.get(c.comparisons["null"].against) if "null" in c.comparisons else None
+        if null is not None:  # the null of a site is found through provenance, not by its name
+            series["matched null"].append((layer, null.sizes[-1].reproduced, null.sizes[-1].size))
+    for (name, points), dash in zip(series.items(), ("-", "--", ":")):
+        points.sort()
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=dash, marker="o",
+                    label=f"{name} (N at m={points[0][2]})")
+    ax.set_xlabel("layer (hidden state index; 0 = token embeddings)")
+    ax.set_ylabel("reproduced distinct directions N(m) (latents)")
+    ax.set_title("Reproduced directions by layer, at the largest dictionary size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    caption(fig, counts)
+    return fig
+
+
 def _size_colour(i: int, n: int):
     from matplotlib import colormaps
     return colormaps["viridis"](i / max(n - 1, 1) * 0.9)

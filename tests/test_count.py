@@ -334,3 +334,36 @@ def test_excess_over_the_matched_null_is_within_noise_without_sparse_structure(t
     assert abs(by["gauss"].comparisons["null"].excess) <= 3
     toy_vs_null = by["toy"].comparisons["null"]
     assert toy_vs_null.against == "gauss" and toy_vs_null.within_noise is False and toy_vs_null.excess > 40
+
+
+# ---- the count command ---------------------------------------------------------------------------
+
+
+def test_count_command_prints_one_line_per_sweep_and_json(study_files, capsys):
+    import json
+    from sparsefeat import cli
+    assert cli.main(["count", *map(str, study_files), "--bootstrap", "20"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("dataset/site") and len(table) == 2 + len(study_files)
+    assert any(line.startswith("sparse ") and "12±1 (m=16)" in line and "+12±1" in line for line in table)
+    assert cli.main(["count", *map(str, study_files), "--bootstrap", "20", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["sparse", "sparse-null", "gmm", "m/resid_0", "m/resid_3", "r/resid_3"]
+
+
+@pytest.mark.parametrize("make", ["text", "store", "missing"])
+def test_count_command_on_a_file_that_is_not_results_is_one_line_exit_2(make, tmp_path, capsys, make_store):
+    from sparsefeat import cli
+    path = {"text": lambda: (tmp_path / "notes.h5").write_text("not hdf5") and tmp_path / "notes.h5",
+            "store": lambda: make_store("acts.h5"),
+            "missing": lambda: tmp_path / "nope.h5"}[make]()
+    assert cli.main(["count", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sparsefeat count: error: ") and str(path) in err
+    assert "Traceback" not in err
+
+
+def test_count_options_are_validated_in_one_line(study_files, capsys):
+    from sparsefeat import cli
+    assert cli.main(["count", str(study_files[0]), "--match-floor", "1.5"]) == 2
+    assert "match_floor must be in (0, 1]" in capsys.readouterr().err

@@ -95,3 +95,23 @@ def test_plot_all_writes_png_and_pdf_and_refuses_to_overwrite(counts, tmp_path):
         plots.plot_all(counts, tmp_path / "fig")
     plots.plot_all(counts, tmp_path / "fig", force=True)
     assert not list((tmp_path / "fig").glob("*.tmp"))
+
+
+def test_count_by_layer_plots_trained_random_and_null_by_layer(counts):
+    fig = plots.count_by_layer(counts)
+    lines = {line.get_label().split(" (")[0]: line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"trained", "random init"}  # the fixture's model sites have no null
+    np.testing.assert_array_equal(lines["trained"].get_xdata(), [0, 3])
+    by = {c.label: c for c in counts}
+    np.testing.assert_allclose(lines["trained"].get_ydata(), [by["m/resid_0"].sizes[-1].reproduced,
+                                                              by["m/resid_3"].sizes[-1].reproduced])
+    np.testing.assert_allclose(lines["random init"].get_ydata(), [by["r/resid_3"].sizes[-1].reproduced])
+
+
+def test_plot_command_writes_the_figures(study_files, tmp_path, capsys):  # noqa: F811
+    from sparsefeat import cli
+    assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs"), "--bootstrap", "20"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 2 * len(plots.FIGURES) and all((tmp_path / "figs" / p).exists() or p for p in printed)
+    assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs")]) == 2
+    assert "already exists" in capsys.readouterr().err
