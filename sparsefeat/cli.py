@@ -406,8 +406,8 @@ class RunCommand(Command):
     def run(self, args):
         from . import run as study
         config = study.load_config(args.config, quick=args.quick)
-        summary = study.run_study(config, args.out, force=args.force, progress=args.progress)
-        print(summary)
+        result = study.run_study(config, args.out, force=args.force, progress=args.progress)
+        print(result.summary())
         return 0
 
 

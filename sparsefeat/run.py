@@ -113,21 +113,28 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, *, quick: bool = False) -> StudyConfig:
-    """Defaults, then the quick profile (if asked), then the TOML file; validated (one-line errors)."""
+def make_config(overrides: dict | None = None, *, quick: bool = False, source: str = "study config") -> StudyConfig:
+    """Defaults, then the quick profile (if asked), then `overrides` (the TOML layout as a dict); validated.
+    A table under `toys` replaces the toy of that name; `enabled = false` in it leaves that toy out."""
     data = config_dict(StudyConfig())
     if quick:
         data = deep_merge(data, QUICK)
+    return validate(deep_merge(data, overrides or {}), source)
+
+
+def load_config(path: str | os.PathLike | None = None, *, quick: bool = False) -> StudyConfig:
+    """Defaults, then the quick profile (if asked), then the TOML file; validated (one-line errors)."""
+    overrides = {}
     if path is not None:
         path = Path(path)
         try:
             with open(path, "rb") as f:
-                data = deep_merge(data, tomllib.load(f))
+                overrides = tomllib.load(f)
         except FileNotFoundError:
             raise SparsefeatError(f"{path}: no such file") from None
         except tomllib.TOMLDecodeError as e:
             raise SparsefeatError(f"{path}: not valid TOML ({e})") from None
-    return validate(data, str(path) if path else "study config")
+    return make_config(overrides, quick=quick, source=str(path) if path else "study config")
 
 
 def _check_keys(where: str, table: dict, valid) -> None:
@@ -156,6 +163,8 @@ def validate(data: dict, source: str) -> StudyConfig:
                          count=data.get("count", {}))
     for name, toy in config.toys.items():
         where = f"{source} [toys.{name}]"
+        if isinstance(toy, dict) and toy.get("enabled", True) is False:
+            continue  # left out: nothing else in the table needs to be valid
         if not isinstance(toy, dict) or "kind" not in toy:
             raise SparsefeatError(f"{where}: needs kind = \"sparse\" | \"gmm\" | \"square\" | ...")
         try:
@@ -172,7 +181,11 @@ def validate(data: dict, source: str) -> StudyConfig:
     return config
 
 
-TOY_KEYS = ("kind", "n_samples", "seed")
+TOY_KEYS = ("kind", "n_samples", "seed", "enabled")
+
+
+def active_toys(config: StudyConfig) -> dict[str, dict]:
+    return {name: toy for name, toy in config.toys.items() if toy.get("enabled", True)}
 
 
 def toy_params(config: StudyConfig, toy: dict) -> dict:
@@ -273,7 +286,7 @@ class Study:
         from .store import partial_path
         from .toys import SITE, write_toy
         out = []
-        for name, toy in self.config.toys.items():
+        for name, toy in active_toys(self.config).items():
             path = self.stores / f"{name}.h5"
             if not self._done(path):
                 write_toy(toy["kind"], path, n_samples=int(toy.get("n_samples", self.config.study.toy_samples)),
@@ -347,10 +360,8 @@ class Study:
         plots.plot_all(counts, self.out / "figures", force=True)  # derived from this study's own sweeps
         return counts
 
-
-    def run_all(self) -> str:
-        """Every stage, then the report; returns the count table and where the report is."""
-        from . import count
+    def run_all(self) -> StudyResult:
+        """Every stage, then the report."""
         t0 = time.perf_counter()
         data = self.stage("toy stores", self.toy_stores)
         data += self.stage("model activations", self.model_stores)
@@ -359,8 +370,30 @@ class Study:
         counts = self.stage("count and figures", lambda: self.analyse(sweeps))
         self.timings["total"] = time.perf_counter() - t0
         report = write_report(self.out, counts, self.timings)
-        table = count.format_table(count.TABLE_COLUMNS, count.table_rows(counts))
-        return f"{table}\n\nreport: {report}\nwall time: {self.timings['total']:.0f} s"
+        return StudyResult(self.out, data + nulls, sweeps, counts, report, dict(self.timings))
+
+
+@dataclass
+class StudyResult:
+    """What a study produced: its datasets, results files, count table, report and stage times."""
+    out: Path
+    datasets: list[Dataset]
+    sweeps: list[Path]
+    counts: list  # count.SweepCount
+    report: Path
+    timings: dict[str, float]
+
+    def count(self, label: str, sparsity: float | None = None):
+        """The count of one dataset/site (at one sparsity setting when it has several)."""
+        found = [c for c in self.counts if c.label == label and (sparsity is None or c.sparsity == sparsity)]
+        if len(found) != 1:
+            raise SparsefeatError(f"{self.out}: {len(found)} sweeps match {label!r} at sparsity {sparsity}")
+        return found[0]
+
+    def summary(self) -> str:
+        from .count import TABLE_COLUMNS, format_table, table_rows
+        table = format_table(TABLE_COLUMNS, table_rows(self.counts))
+        return f"{table}\n\nreport: {self.report}\nwall time: {self.timings['total']:.0f} s"
 
 
 def model_name(model: str) -> str:
@@ -382,8 +415,8 @@ def check_folder(out: Path, config_text: str, force: bool) -> None:
                               "pass --force to redo it, or choose another --out")
 
 
-def run_study(config: StudyConfig, out: str | os.PathLike, *, force: bool = False, progress: bool = True) -> str:
-    """Run every stage into `out` and return a short summary (the count table and where the report is)."""
+def run_study(config: StudyConfig, out: str | os.PathLike, *, force: bool = False, progress: bool = True) -> StudyResult:
+    """Run every stage into `out` (see the module docstring for the folder) and return what it produced."""
     out = Path(out)
     config_text = to_toml(config_dict(config))
     check_folder(out, config_text, force)
@@ -434,8 +467,11 @@ def answer_train_vs_test(counts) -> list[str]:
     for c in counts:
         if c.role not in DATA_ROLES + ("random-init",):
             continue
-        h, last, name = c.held_out, c.sizes[-1], _name(c, counts)
-        gap = f"test − train MSE at m={last.size}: {last.gap:+.4f} (train {last.train_mse:.4f}, test {last.test_mse:.4f})"
+        h, first, last, name = c.held_out, c.sizes[0], c.sizes[-1], _name(c, counts)
+        gap = (f"test − train MSE {first.gap:+.4f} at m={first.size}, {last.gap:+.4f} at m={last.size} "
+               f"(train {last.train_mse:.4f}, test {last.test_mse:.4f})")
+        if c.warnings:
+            gap += " (* undertrained sizes, see warnings)"
         if h.size is None:
             lines.append(f"- **{name}**: the test loss still improves beyond its bootstrap noise at every step up to "
                          f"m={last.size}; {gap}.")
@@ -445,13 +481,18 @@ def answer_train_vs_test(counts) -> list[str]:
         else:
             lines.append(f"- **{name}**: train and test loss both stop improving at m={h.size} (test "
                          f"{_pct(h.test_change)}, train {_pct(h.train_change)} to m={last.size}); {gap}.")
-    overfit = [_name(c, counts) for c in counts if c.role in DATA_ROLES + ("random-init",) and c.held_out.size is not None
-               and c.held_out.train_still_falls]
+    data = [c for c in counts if c.role in DATA_ROLES + ("random-init",)]
+    overfit = [_name(c, counts) for c in data if c.held_out.size is not None and c.held_out.train_still_falls]
+    growing = [_name(c, counts) for c in data if c.sizes[-1].gap > max(2 * c.sizes[0].gap, c.sizes[0].gap + 0.005)]
     verdict = (f"Train loss alone would overstate what more latents buy on {', '.join(overfit)}: there, sizes "
                "beyond the held-out stop lower the train loss only. Read every loss curve on test rows."
                if overfit else
-               "In this sweep no dataset shows train loss falling while test loss stalls, so train and test "
-               "curves agree here; the held-out curve is the one to read in any case.")
+               "No dataset here shows train loss falling while test loss stalls: up to the largest size, more "
+               "latents still help on held-out rows.")
+    if growing:
+        verdict += (f" The test − train gap grows with m on {', '.join(growing)}: part of what larger dictionaries "
+                    "gain on training rows does not carry over to held-out rows, so the curves to compare are "
+                    "the test curves.")
     return lines + ["", verdict]
 
 
@@ -470,7 +511,8 @@ def answer_false_positives(counts) -> list[str]:
                 verdict = {True: ", within noise", False: ", beyond noise", None: ""}[comp.within_noise]
                 parts.append(f"{comp.text()} over {comp.against}{verdict}")
         truth = f" (true number {c.expected})" if c.expected else ""
-        lines.append(f"- **{_name(c, counts)}**: {c.estimate_text()}{truth}; excess: {'; '.join(parts) or 'no control'}.")
+        excess = "; ".join(parts) or ("none computed (a control itself)" if c.role == "random-init" else "no control")
+        lines.append(f"- **{_name(c, counts)}**: {c.estimate_text()}{truth}; excess: {excess}.")
     nulls = [c for c in counts if c.role == "null" and c.saturation.estimate is not None]
     if nulls:
         worst = max(nulls, key=lambda c: c.saturation.estimate)
@@ -491,6 +533,18 @@ def answer_layer_zero(counts) -> list[str]:
         lines.append(f"- **{_name(c, counts)}**: {c.estimate_text()}{null}; {'; '.join(parts) or 'the baseline itself'}.")
     if not lines:
         return ["No model sites in this study."]
+    models = [c for c in counts if c.role == "model"]
+    verdict = []
+    if all(c.saturation.estimate is None for c in models):
+        verdict.append(f"No model site saturates inside this sweep (largest size m={models[0].sizes[-1].size}), so "
+                       "the study gives lower bounds, not feature counts, for the model; the comparisons below "
+                       "are of N(m) at the largest common size.")
+    more_random = [c.label for c in models if "random init" in c.comparisons
+                   and (c.comparisons["random init"].excess_at_common_size or 0) < 0]
+    if more_random:
+        verdict.append(f"The random-init model reproduces more directions than the trained one at "
+                       f"{', '.join(more_random)}: reproducible directions alone are no evidence of learned features.")
+    lines += ["", *verdict] if verdict else []
     return lines + ["", "Excess over layer 0 and over the random-init model's same layer is what a layer adds beyond "
                         "token embeddings and beyond what the architecture alone produces; '?' marks comparisons "
                         "where neither side saturated (the number after it is the difference of N(m) at the largest "
