@@ -461,6 +461,8 @@ class ActivationStore:
             raise StoreError(f"{self.path}: only {partial_path(self.path).name} exists: the store is still "
                              "being written or its writer was killed (resume it with --resume)")
         self.f = _open_for_reading(self.path)
+        self._mmap = None  # the file mapped read-only, made on the first mapped batch stream
+        self._row_maps: dict[str, _MappedRows | None] = {}
         try:
             _check_format(self.f, self.path)
             if "activations" not in self.f or "rows" not in self.f:
@@ -611,14 +613,27 @@ class ActivationStore:
         return _prefetched((to_tensor(a) for a in gen), prefetch)
 
     def _batch_gen(self, ds, mask, batch_size, seed, epochs, shuffle, drop_last, buffer_rows):
-        """Fill one preallocated buffer with whole blocks (in random order), then cut batches from a
-        random permutation of the split's rows in it; rows left over start the next fill.
+        """Take whole blocks in a random order into a shuffle buffer of about `buffer_rows` rows, then
+        cut batches from a random permutation of the split's rows in it; rows left over start the
+        next fill.
 
-        Rows are copied twice: file -> buffer (`_BlockReader`) and buffer -> batch (one gather that
-        also drops the other split's rows). The gather's random reads dominate the cost."""
+        Two ways to hold the buffer, with the same batches for the same seed (the same random draws,
+        the same rows in the same order; `tests/test_store.py` checks it):
+        - mapped (unfiltered chunks of a file not open in SWMR mode, see `_mapped_rows`): the buffer
+          holds the rows' byte offsets in the file, and each batch is one gather straight from the
+          read-only memory map of the file, the only copy of the rows (the map only views the
+          page cache, so the memory the stream allocates stays one batch);
+        - copied (anything else): blocks are read into one preallocated buffer (`_BlockReader`),
+          and each batch is a gather from it (two copies of every row).
+        Every batch is a new array, so batches stay valid while later ones are produced."""
         blocks = [b for b in self._blocks(ds) if mask[b[0]:b[1]].any()]
-        reader = _BlockReader(ds)
         target = max(buffer_rows, batch_size)  # rows to hold before cutting batches
+        mapped = self._mapped_rows(ds)
+        if mapped is not None:
+            yield from self._batch_gen_mapped(mapped, blocks, mask, batch_size, seed, epochs, shuffle,
+                                              drop_last, target)
+            return
+        reader = _BlockReader(ds)
         buf = np.empty((target + reader.chunk_rows, ds.shape[1]), dtype=ds.dtype)
         epoch = 0
         while epochs is None or epoch < epochs:
@@ -646,6 +661,76 @@ class ActivationStore:
             if carry and not drop_last:
                 yield buf[:carry].copy()
             epoch += 1
+
+    @staticmethod
+    def _batch_gen_mapped(mapped, blocks, mask, batch_size, seed, epochs, shuffle, drop_last, target):
+        """`_batch_gen` over a mapped file: the same steps and random draws, with the rows' byte
+        offsets in the file in the buffer instead of the rows (so the batches are identical to the
+        copied path's)."""
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            rng = np.random.default_rng([seed, epoch])
+            order = rng.permutation(len(blocks)) if shuffle else np.arange(len(blocks))
+            carry = np.zeros(0, dtype=np.int64)  # offsets of rows left over from the previous fill
+            i = 0
+            while i < len(order):
+                fill, keep = carry.shape[0], [carry]
+                while i < len(order) and fill < target:
+                    s, e = blocks[order[i]]
+                    keep.append(mapped.at(s, np.flatnonzero(mask[s:e])))
+                    fill += e - s
+                    i += 1
+                idx = np.concatenate(keep)
+                if shuffle:  # in place; the same order as idx[rng.permutation(len(idx))]
+                    rng.shuffle(idx)
+                full = idx.shape[0] // batch_size * batch_size
+                for j in range(0, full, batch_size):
+                    yield mapped.take(idx[j:j + batch_size])
+                carry = idx[full:]
+            if carry.shape[0] and not drop_last:
+                yield mapped.take(carry)
+            epoch += 1
+
+    def _mapped_rows(self, ds: h5py.Dataset) -> _MappedRows | None:
+        """The rows of `ds` read in place from a read-only memory map of the file, or None where that
+        is not safe or not possible: filtered (compressed) or non-native or not full-width chunks, a
+        file open in SWMR mode (a writer may still be appending to it), a file driver other than
+        the plain one or a user block, a missing chunk, or chunk info HDF5 cannot give."""
+        name = ds.name
+        if name not in self._row_maps:
+            self._row_maps[name] = None
+            try:
+                self._row_maps[name] = self._map_rows(ds)
+            except Exception:  # no chunk info, a file that cannot be mapped: read through HDF5
+                pass
+        return self._row_maps[name]
+
+    def _map_rows(self, ds: h5py.Dataset) -> _MappedRows | None:
+        import mmap
+        f = self.f
+        if (f.swmr_mode or f.driver != "sec2" or f.userblock_size != 0 or not ds.chunks
+                or ds.chunks[1] != ds.shape[1] or not ds.dtype.isnative
+                or ds.id.get_create_plist().get_nfilters() != 0 or self.committed == 0):
+            return None
+        chunk_rows = ds.chunks[0]
+        row_bytes = ds.shape[1] * ds.dtype.itemsize
+        n_chunks = -(-self.committed // chunk_rows)
+        offsets = np.full(n_chunks, -1, dtype=np.int64)
+        sizes = np.zeros(n_chunks, dtype=np.int64)
+
+        def visit(info):
+            c = info.chunk_offset[0] // chunk_rows
+            if c < n_chunks and info.byte_offset is not None:
+                offsets[c], sizes[c] = info.byte_offset, info.size
+
+        ds.id.chunk_iter(visit)
+        if (offsets < 0).any() or (sizes != chunk_rows * row_bytes).any():
+            return None  # a chunk is missing or not stored as plain rows
+        if self._mmap is None:  # the very file HDF5 has open, even if the path was replaced since
+            self._mmap = mmap.mmap(f.id.get_vfd_handle(), 0, access=mmap.ACCESS_READ)
+        if int(offsets.max()) + chunk_rows * row_bytes > len(self._mmap):
+            return None
+        return _MappedRows(self._mmap, offsets, chunk_rows, row_bytes, ds.dtype, ds.shape[1])
 
     def moments(self, site: str | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Mean [d] and covariance [d, d] (float64, unbiased) of a split, streamed block by block."""
@@ -683,6 +768,13 @@ class ActivationStore:
         return total / n
 
     def close(self) -> None:
+        self._row_maps.clear()
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a running batch stream still views it; it is freed with the stream
+                pass
+            self._mmap = None
         self.f.close()
 
     def __enter__(self):
@@ -695,6 +787,28 @@ class ActivationStore:
     def __repr__(self) -> str:
         return (f"ActivationStore({str(self.path)!r}, kind={self.kind!r}, sites={self.sites}, "
                 f"rows={self.committed}, test={self.n_rows('test')})")
+
+
+class _MappedRows:
+    """Rows of an unfiltered chunked dataset, gathered straight from a read-only map of its file.
+
+    A chunk holds `chunk_rows` whole rows at its byte offset (the full chunk even at the edge), so
+    row r starts at byte offsets[r // chunk_rows] + (r % chunk_rows) * row_bytes. The file is
+    viewed as overlapping row-sized records, one starting at every byte, so a batch is a single
+    gather of those records by byte offset: one copy of each row, into a new array."""
+
+    def __init__(self, mm, offsets: np.ndarray, chunk_rows: int, row_bytes: int, dtype: np.dtype, d: int):
+        self.offsets, self.chunk_rows, self.row_bytes, self.dtype, self.d = offsets, chunk_rows, row_bytes, dtype, d
+        self.record = np.dtype((np.void, row_bytes))
+        self.records = np.ndarray((len(mm) - row_bytes + 1,), dtype=self.record, buffer=mm, strides=(1,))
+
+    def at(self, start: int, rows: np.ndarray) -> np.ndarray:
+        """Byte offsets of `rows` (numbers within the block) of the chunk-aligned block at `start`."""
+        return self.offsets[start // self.chunk_rows] + rows * self.row_bytes
+
+    def take(self, at: np.ndarray) -> np.ndarray:
+        """The rows at byte offsets `at`, in that order, as a new [len(at), d] array."""
+        return self.records[at].view(self.dtype).reshape(at.shape[0], self.d)
 
 
 class _BlockReader:

@@ -251,6 +251,58 @@ def test_batches_of_compressed_and_half_precision_stores(make_store, compression
     np.testing.assert_array_equal(got[order], x)  # whole rows, not just their ids
 
 
+@pytest.mark.parametrize("split,batch_size,buffer_rows,shuffle,drop_last", [
+    ("train", 500, 1 << 16, True, False), ("all", 333, 700, True, False), ("test", 1024, 1, True, True),
+    ("train", 777, 3000, False, False), ("all", 10_000, 2048, True, False)])
+def test_mapped_and_copied_batch_streams_are_identical(make_store, monkeypatch, split, batch_size, buffer_rows,
+                                                       shuffle, drop_last):
+    # Unfiltered stores are gathered straight from a memory map of the file, anything else is
+    # copied through a buffer: the same seed must give the very same batches (so resume and
+    # results do not depend on which path ran), and kept batches must stay intact.
+    path = make_store(n=5000, d=96, block=1300, test_fraction=0.3, dtype="float32")
+    kw = dict(seed=11, epochs=2, shuffle=shuffle, drop_last=drop_last, buffer_rows=buffer_rows)
+    with ActivationStore(path) as s:
+        assert s._mapped_rows(s.f["activations/x"]) is not None  # the fast path is taken here
+        mapped = [b.numpy() for b in s.batches("x", split, batch_size, **kw)]
+    with monkeypatch.context() as m:
+        m.setattr(ActivationStore, "_mapped_rows", lambda self, ds: None)
+        with ActivationStore(path) as s:
+            copied = [b.numpy() for b in s.batches("x", split, batch_size, **kw)]
+            x = s.load("x", "all").numpy()
+    assert len(mapped) == len(copied) > 1
+    for a, b in zip(mapped, copied):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, x[a[:, 0].astype(np.int64)])  # whole rows, as stored
+
+
+def test_mapped_stream_reads_the_file_that_was_opened_even_if_replaced(tmp_path):
+    path = tmp_path / "r.h5"
+
+    def write(value, force=False):
+        with StoreWriter(path, sites={"x": 64}, provenance={}, force=force) as w:
+            w.append({"x": np.full((3000, 64), value)}, test=np.zeros(3000))
+
+    write(1.0)
+    with ActivationStore(path) as s:
+        write(2.0, force=True)  # --force rewrites the store while this reader holds the old one
+        got = np.concatenate([b.numpy() for b in s.batches("x", "all", 512)])
+        assert s._mapped_rows(s.f["activations/x"]) is not None
+    assert got.shape == (3000, 64) and (got == 1.0).all()
+
+
+def test_stores_that_cannot_be_mapped_are_read_through_hdf5(make_store, tmp_path):
+    with ActivationStore(make_store("z.h5", compression="gzip")) as s:
+        assert s._mapped_rows(s.f["activations/x"]) is None  # filtered chunks
+    w = StoreWriter(tmp_path / "live.h5", sites={"x": 16}, provenance={})
+    try:
+        w.append({"x": np.ones((100, 16))}, test=np.zeros(100))
+        with ActivationStore(partial_path(tmp_path / "live.h5")) as s:
+            assert s.f.swmr_mode and s._mapped_rows(s.f["activations/x"]) is None  # a writer appends
+            assert sum(len(b) for b in s.batches("x", "all", 30)) == 100
+    finally:
+        w.close()
+
+
 def test_batches_are_deterministic_by_seed_and_differ_across_seeds_and_epochs(stream_store):
     with ActivationStore(stream_store) as s:
         run = lambda seed: np.concatenate(_ids(s.batches("x", "train", 500, seed=seed, epochs=2)))
