@@ -49,7 +49,7 @@ def caption(fig: Figure, counts: list[SweepCount], note: str = "") -> None:
     fig.get_layout_engine().set(rect=(0, 0.16 / height, 1, 1 - 0.16 / height))  # room for the caption
 
 
-def _new(ncols: int = 1, width: float = 7.0, height: float = 4.6) -> tuple[Figure, list]:
+def _new(ncols: int = 1, width: float = 9.0, height: float = 4.6) -> tuple[Figure, list]:
     fig = Figure(figsize=(width * ncols if ncols > 1 else width, height), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, list(axes)
@@ -66,9 +66,24 @@ def _values(c: SweepCount, key: str) -> tuple[np.ndarray, np.ndarray]:
             np.array([getattr(s, key) for s in c.sizes], dtype=float))
 
 
-def _style(c: SweepCount) -> dict:
-    """Controls are drawn thinner so the data stand out; colour always names the dataset/site."""
-    return dict(linewidth=1.0 if c.role in CONTROL_ROLES else 1.8, marker="o", markersize=3)
+MARKERS = "osD^vP*X"
+
+
+def _style(c: SweepCount, counts: list[SweepCount]) -> dict:
+    """Controls are drawn thinner so the data stand out; colour names the dataset/site, the marker its
+    sparsity setting."""
+    settings = list(dict.fromkeys(o.sparsity for o in counts if o.label == c.label))
+    marker = MARKERS[settings.index(c.sparsity) % len(MARKERS)]
+    return dict(linewidth=1.0 if c.role in CONTROL_ROLES else 1.8, marker=marker, markersize=3)
+
+
+def _legend(ax, fontsize: float = 6) -> None:
+    """Beside the axes when there are many entries, so no data hide behind it."""
+    n = len(ax.get_legend_handles_labels()[1])
+    if n > 6:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif n:
+        ax.legend(fontsize=fontsize)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,12 +101,14 @@ def loss_vs_size(counts: list[SweepCount], metric: str = "fvu") -> Figure:
         name = series_name(c, counts)
         for split, dash in (("train", "--"), ("test", "-")):
             x, y = _values(c, f"{split}_{metric}")
-            ax.plot(x, y, linestyle=dash, color=colour[c.label], label=f"{name} [{c.role}] {split}", **_style(c))
+            hidden = "_" if split == "train" else ""  # one legend entry per series: the title names the styles
+            ax.plot(x, y, linestyle=dash, color=colour[c.label], label=f"{hidden}{name} [{c.role}] {split}",
+                    **_style(c, counts))
     _size_axis(ax)
     ax.set_yscale("log")
     ax.set_ylabel(LOSS_LABELS[metric])
     ax.set_title(f"Train (dashed) and test (solid) {metric.upper()} by dictionary size")
-    ax.legend(fontsize=6, ncols=2)
+    _legend(ax)
     caption(fig, counts)
     return fig
 
@@ -102,12 +119,12 @@ def dead_vs_size(counts: list[SweepCount]) -> Figure:
     colour = _colours(counts)
     for c in counts:
         x, y = _values(c, "dead_fraction")
-        ax.plot(x, y, color=colour[c.label], label=f"{series_name(c, counts)} [{c.role}]", **_style(c))
+        ax.plot(x, y, color=colour[c.label], label=f"{series_name(c, counts)} [{c.role}]", **_style(c, counts))
     _size_axis(ax)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("dead fraction (share of latents never firing on test rows)")
     ax.set_title("Dead latents by dictionary size")
-    ax.legend(fontsize=6)
+    _legend(ax)
     caption(fig, counts)
     return fig
 
@@ -123,7 +140,7 @@ def agreement_vs_size(counts: list[SweepCount]) -> Figure:
     for ax, (key, ylabel, ylim) in zip(axes, panels):
         for c in counts:
             x, y = _values(c, key)
-            ax.plot(x, y, color=colour[c.label], label=f"{series_name(c, counts)} [{c.role}]", **_style(c))
+            ax.plot(x, y, color=colour[c.label], label=f"{series_name(c, counts)} [{c.role}]", **_style(c, counts))
         _size_axis(ax)
         ax.set_ylabel(ylabel)
         if ylim:
@@ -133,7 +150,7 @@ def agreement_vs_size(counts: list[SweepCount]) -> Figure:
         axes[2].plot(sizes, sizes, color="0.6", linestyle=":", linewidth=1, label="N = m")
         axes[2].set_xscale("log", base=2)
         axes[2].set_yscale("symlog", linthresh=1)
-    axes[0].legend(fontsize=6)
+    _legend(axes[2])
     fig.suptitle("Agreement between dictionaries: across sizes, across seeds, and the count rule's N(m)")
     caption(fig, counts)
     return fig
@@ -146,7 +163,7 @@ def ground_truth_vs_size(counts: list[SweepCount]) -> Figure:
     toys = [c for c in counts if any(not math.isnan(s.mmcs_gt) for s in c.sizes)]
     for c in toys:
         x, y = _values(c, "mmcs_gt")
-        ax.plot(x, y, color=colour[c.label], label=series_name(c, counts), **_style(c))
+        ax.plot(x, y, color=colour[c.label], label=series_name(c, counts), **_style(c, counts))
         if c.expected:
             ax.axvline(c.expected, color=colour[c.label], linestyle=":", linewidth=1)
     _size_axis(ax)

@@ -34,14 +34,15 @@ def test_loss_figure_plots_train_dashed_and_test_solid_for_every_sweep(counts, s
     ax = fig.axes[0]
     lines = lines_by_label(ax)
     assert len(lines) == 2 * len(counts)
+    assert len(ax.get_legend_handles_labels()[1]) == len(counts)  # one entry per series (train lines hidden)
     for c, path in zip(counts, study_files):
         for split, dash in (("train", "--"), ("test", "-")):
-            line = lines[f"{c.label} [{c.role}] {split}"]
+            line = lines[f"{'_' if split == 'train' else ''}{c.label} [{c.role}] {split}"]
             want = seed_mean(path, split, "fvu")
             assert line.get_linestyle() == dash
             np.testing.assert_array_equal(line.get_xdata(), list(want))
             np.testing.assert_allclose(line.get_ydata(), list(want.values()), rtol=1e-6)
-        assert lines[f"{c.label} [{c.role}] train"].get_color() == lines[f"{c.label} [{c.role}] test"].get_color()
+        assert lines[f"_{c.label} [{c.role}] train"].get_color() == lines[f"{c.label} [{c.role}] test"].get_color()
     assert ax.get_xscale() == "log" and "dictionary size" in ax.get_xlabel() and "FVU" in ax.get_ylabel()
     assert "sparsefeat" in fig.texts[0].get_text() and "toy.h5" in fig.texts[0].get_text()
 
