@@ -398,7 +398,7 @@ class RunCommand(Command):
         p.add_argument("--out", type=Path, required=True, help="study folder (stores/, sweeps/, figures/, ...)")
         p.add_argument("--config", type=Path, help="TOML study config overriding the defaults (see study.toml "
                                                    "in any study folder for every key)")
-        p.add_argument("--quick", action="store_true", help="a CI-sized study (about two minutes on 2 CPU cores)")
+        p.add_argument("--quick", action="store_true", help="a CI-sized study (about a minute on 2 CPU cores)")
         p.add_argument("--force", action="store_true", help="redo every stage, overwriting the folder's outputs")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show progress bars (default: on)")
