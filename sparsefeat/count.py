@@ -347,6 +347,8 @@ class SweepCount:
 
     def held_out_text(self) -> str:
         h = self.held_out
+        if len(self.sizes) < 2:
+            return f"one size (m={self.sizes[0].size}): nothing to compare"
         if h.size is None:
             return f"improves to m={self.sizes[-1].size}"
         train = "" if h.train_change is None else f", train {h.train_change:+.1%}"

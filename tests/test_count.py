@@ -272,6 +272,11 @@ def test_count_says_no_saturation_instead_of_inventing_a_number(tmp_path):
     assert c.held_out.size is None
 
 
+def test_a_sweep_of_one_size_says_so_instead_of_a_stop(tmp_path):
+    (c,) = C.count_results([write_sweep(tmp_path / "one.h5", label="one", sizes=(16,))], C.CountConfig(bootstrap=20))
+    assert c.saturation.estimate is None and c.held_out_text() == "one size (m=16): nothing to compare"
+
+
 def test_count_json_is_strict_json(study_files):
     import json
     out = C.to_json(C.count_results(study_files, C.CountConfig(bootstrap=100)))
