@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -443,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sparsefeat {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `sparsefeat inspect FILE | head`: the reader left; say nothing more and exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return int(code or 0)
 
 
