@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .device import resolve_device
 from .errors import SparsefeatError
 from .store import StoreWriter, split_documents
 
@@ -140,18 +141,6 @@ class LoadedModel:
     random_init: bool
     init_seed: int | None
     device: torch.device
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HarvestError(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HarvestError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return dev
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .device import resolve_device
 from .errors import SparsefeatError
 from .results import SIGNAL_KEYS, Member, MemberArrays, Results, ResultsError, write_results
 from .sae import ARCHITECTURES, SAE, SAEOptions, architecture, pre_bias
@@ -259,7 +260,7 @@ class Sweep:
         self.total_steps = (config.steps if config.steps is not None else
                             max(1, math.ceil(config.epochs * self.batches_per_epoch)) if config.epochs is not None
                             else DEFAULT_STEPS)
-        self.device = _device(config.device)
+        self.device = resolve_device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise TrainingError(f"{out}: --bf16 needs a CUDA device (this run uses {self.device})")
         self.label = config.label or f"{Path(store.path).stem}:{self.site}"
@@ -597,18 +598,6 @@ def _take_rows(stream, n: int):
             return
         yield b[:left]
         left -= b.shape[0]
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but CUDA is not available here")
-    return dev
 
 
 # --------------------------------------------------------------------------------------------
