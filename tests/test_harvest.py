@@ -5,10 +5,6 @@ document, resumable after SIGKILL, and bad input fails with one clear line."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -249,42 +245,13 @@ def test_random_init_differs_from_trained_and_is_reproducible_by_seed(tmp_path, 
 # --------------------------------------------------------------------------------------------
 
 
-def committed_rows(path: Path) -> int:
-    """Rows a store being written has committed, read as an SWMR reader (0 while unreadable)."""
-    try:
-        with h5py.File(path, "r", swmr=True) as f:
-            return int(f["rows/committed"][0])
-    except (OSError, KeyError):
-        return 0
-
-
-def sigkill_harvest(options: dict, out: Path, min_rows: int, timeout: float = 90.0) -> int:
-    """Run harvest(HarvestConfig(**options), out) in a fresh process, SIGKILL it once its .partial
-    has committed `min_rows` rows, and return the rows committed by then."""
-    code = (f"from sparsefeat.harvest import HarvestConfig, harvest; "
-            f"harvest(HarvestConfig(**{options!r}), {str(out)!r}, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while committed_rows(partial_path(out)) < min_rows:
-            assert proc.poll() is None, f"harvest ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "harvest committed too few rows in time"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    return committed_rows(partial_path(out))
-
-
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, kill_after_commit):
     options = dict(max_documents=60, max_tokens=2000, max_length=64, block_tokens=200, batch_size=8,
                    layers=[0, 3], device="cpu")
     killed = tmp_path / "killed.h5"
-    committed = sigkill_harvest(options, killed, min_rows=500)
+    code = (f"from sparsefeat.harvest import HarvestConfig, harvest; "
+            f"harvest(HarvestConfig(**{options!r}), {str(killed)!r}, progress=False)")
+    committed = kill_after_commit(code, killed, min_rows=500, timeout=90.0)
     assert 500 <= committed < 2000 and not killed.exists()
     with pytest.raises(SparsefeatError, match="cannot resume"):  # other options: refused, partial kept
         harvest(HarvestConfig(**{**options, "layers": [0]}), killed, resume=True, progress=False)
