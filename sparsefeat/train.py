@@ -553,7 +553,8 @@ class Sweep:
         evals = self.evaluate()
         weights = {spec.id: st.member_weights(g) for st in self.stacks for g, spec in enumerate(st.specs)}
         gt = self.store.ground_truth.get("features")
-        signals, per_member = cross_member_signals(self.specs, weights, gt)
+        alive = {sid: e["test"]["frequency"] > 0 for sid, e in evals.items()}
+        signals, per_member = cross_member_signals(self.specs, weights, gt, alive)
         members, arrays = [], {}
         for spec in self.specs:
             curves = {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in self.curves[spec.id].items()}
@@ -606,11 +607,14 @@ def _take_rows(stream, n: int):
 
 
 def cross_member_signals(specs: list[MemberSpec], weights: dict[str, dict[str, np.ndarray]],
-                         ground_truth: np.ndarray | None) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+                         ground_truth: np.ndarray | None, alive: dict[str, np.ndarray] | None = None
+                         ) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """The tables comparing members, and each member's summary signals (NaN where not applicable).
 
     - next: each dictionary against the next larger size of the same sparsity and seed: MMCS
-      (mean max cosine of its atoms with the larger's), and one-to-one Hungarian matching (mean
+      (mean max cosine of its *alive* atoms, those that fired on the test split when `alive` is
+      given, with the larger's atoms: a dead atom is a random direction and would pull MMCS down
+      exactly where dead latents appear, past the true number of features), and one-to-one Hungarian matching (mean
       cosine of the pairs, share of its atoms whose pair has cosine ≥ 0.9).
     - seeds: each pair of seeds at the same size and sparsity: the shared fraction (Hungarian on
       decoder + encoder cosines, shared when both ≥ 0.7); a member's `shared_seed` is the mean over
@@ -626,7 +630,8 @@ def cross_member_signals(specs: list[MemberSpec], weights: dict[str, dict[str, n
         group = sorted(group, key=lambda s: s.size)
         for small, big in zip(group, group[1:]):
             a, b = weights[small.id]["decoder"], weights[big.id]["decoder"]
-            mm = metrics.mmcs(a, b)
+            live = a if alive is None else a[alive[small.id]]
+            mm = metrics.mmcs(live, b) if len(live) else math.nan
             hung, share = metrics.hungarian_summary(a, b, threshold=MATCH_THRESHOLD)
             per[small.id].update(mmcs_next=mm, mmcs_next_hungarian=hung, share_next_0_9=share)
             tables["next"].append(dict(member=small.id, next_member=big.id, size=small.size, next_size=big.size,

@@ -19,7 +19,8 @@ from sparsefeat.errors import SparsefeatError
 from sparsefeat.results import SIGNAL_KEYS, load_results, describe
 from sparsefeat.store import ActivationStore, StoreWriter, split_rows
 from sparsefeat.toys import write_toy
-from sparsefeat.train import SweepConfig, checkpoint_path, learning_rate, parse_size, train_sweep
+from sparsefeat.train import (MemberSpec, SweepConfig, checkpoint_path, cross_member_signals, learning_rate,
+                              parse_size, train_sweep)
 
 N_FEATURES, D = 64, 32
 
@@ -407,3 +408,19 @@ def test_cuda_step_loop_never_waits_for_the_device(toy_store, tmp_path, arch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(per_member).all() for step in losses for per_member in step)
+
+
+def test_mmcs_with_the_next_size_ignores_dead_atoms():
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((8, 16))
+    big /= np.linalg.norm(big, axis=1, keepdims=True)
+    dead = rng.standard_normal((2, 16))
+    small = np.concatenate([big[:2], dead / np.linalg.norm(dead, axis=1, keepdims=True)])
+    specs = [MemberSpec("relu-l1", 4, 0.3, 0), MemberSpec("relu-l1", 8, 0.3, 0)]
+    weights = {specs[0].id: {"decoder": small, "encoder": small}, specs[1].id: {"decoder": big, "encoder": big}}
+    alive = {specs[0].id: np.array([True, True, False, False]), specs[1].id: np.ones(8, bool)}
+    _, with_alive = cross_member_signals(specs, weights, None, alive)
+    _, all_atoms = cross_member_signals(specs, weights, None)
+    assert with_alive[specs[0].id]["mmcs_next"] == pytest.approx(1.0)  # the two live atoms are in the big one
+    assert all_atoms[specs[0].id]["mmcs_next"] < 0.9  # random dead atoms pull the plain MMCS down
+    assert math.isnan(with_alive[specs[1].id]["mmcs_next"])  # the largest size has no next
