@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import SparsefeatError
 from .metrics import hungarian_match
+from .results import json_ready
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -646,17 +647,5 @@ def to_json(counts: list[SweepCount]) -> list[dict]:
         for key, comp in c.comparisons.items():
             d["comparisons"][key]["within_noise"] = comp.within_noise
             d["comparisons"][key]["text"] = comp.text()
-        out.append(_finite(d))
+        out.append(json_ready(d))
     return out
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _finite(obj.item())
-    return obj

@@ -335,23 +335,23 @@ def _num(v, fmt: str = ".4g") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def _json_ready(obj):
+def json_ready(obj):
     """NaN/inf become None so the dict is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items()}
+        return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _json_ready(obj.item())
+        return json_ready(obj.item())
     return obj
 
 
 def describe(path: str | os.PathLike) -> dict:
     """Everything `sparsefeat inspect` shows about a results file, as a JSON-ready dict."""
     r = load_results(path)
-    return _json_ready(dict(
+    return json_ready(dict(
         path=str(r.path), format=FORMAT, format_version=FORMAT_VERSION, package_version=r.package_version,
         created=r.created, label=r.label, site=r.site, d=r.d,
         store=dict(path=r.store_path, kind=r.store_kind, hash=r.store_hash, provenance=r.store_provenance),
