@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sparsefeat-installed
 
-.PHONY: demo test quick bench clean
+.PHONY: demo test test-fast quick bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ quick: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# For working: everything but the tests marked slow (kill tests, whole studies); CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_store.py
