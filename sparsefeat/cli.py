@@ -86,8 +86,8 @@ def config_from_args(config_cls, args: argparse.Namespace, **overrides):
 
 
 def print_json(obj) -> None:
-    from .store import _json_default
-    print(json.dumps(obj, indent=2, default=_json_default))
+    from .store import json_default
+    print(json.dumps(obj, indent=2, default=json_default))
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SparsefeatError
-from .store import _check_format, _open_h5, to_json
+from .store import check_format, open_h5, to_json
 
 FORMAT = "sparsefeat.results"
 FORMAT_VERSION = 1
@@ -108,7 +108,7 @@ class Results:
 
     def _array(self, member_id: str, name: str) -> np.ndarray:
         self.member(member_id)  # a clear error for an unknown id
-        with _open_h5(self.path, "r") as f:
+        with open_h5(self.path, "r") as f:
             key = f"members/{member_id}/{name}"
             if key not in f:
                 raise ResultsError(f"{self.path}: member {member_id!r} has no {name!r}")
@@ -278,8 +278,8 @@ def load_results(path: str | os.PathLike) -> Results:
     path = Path(path)
     if not path.exists() and Path(str(path) + ".tmp").exists():
         raise ResultsError(f"{path}: only a .tmp exists: the sweep is still writing its results or was killed")
-    with _open_h5(path, "r") as f:
-        _check_format(f, path, FORMAT, FORMAT_VERSION)
+    with open_h5(path, "r") as f:
+        check_format(f, path, FORMAT, FORMAT_VERSION)
         try:
             a = {k: _plain(v) for k, v in f.attrs.items()}
             groups = sorted(f["members"].values(), key=lambda g: int(g.attrs.get("index", 0)))

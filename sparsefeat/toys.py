@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import SparsefeatError
-from .store import ActivationStore, StoreError, StoreWriter, split_rows
+from .files import OutputError, check_output
+from .store import ActivationStore, AlreadyComplete, StoreError, StoreWriter, check_test_fraction, split_rows
 
 DEFAULT_N_SAMPLES = 100_000
 DEFAULT_BLOCK_ROWS = 8192
@@ -509,6 +510,12 @@ def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_S
         raise SparsefeatError(f"{out}: n_samples and block_rows must be positive")
     if seed < 0:
         raise SparsefeatError(f"{out}: seed must be non-negative, got {seed}")
+    check_test_fraction(test_fraction, out)
+    inputs = [p for p in ((like or (None,))[0], params.get("source")) if p]
+    try:  # the store a toy is made like (or matched to) is never the output, even with --force
+        check_output(out, force=True, inputs=inputs, allow_existing=True)
+    except OutputError as e:
+        raise StoreError(str(e)) from None
     try:
         like = describe_like(*like) if like is not None else None
         p = make_params(kind, params, like)
@@ -521,9 +528,12 @@ def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_S
                       block_rows=int(block_rows), package_version=__version__, **toy.provenance())
     if like is not None:
         provenance["like"] = like
-    writer = StoreWriter(out, sites={SITE: toy.d}, provenance=provenance, kind="toy", dtype=dtype,
-                         split_unit="row", test_fraction=test_fraction, split_seed=seed,
-                         resume=resume, force=force)
+    try:
+        writer = StoreWriter(out, sites={SITE: toy.d}, provenance=provenance, kind="toy", dtype=dtype,
+                             split_unit="row", test_fraction=test_fraction, split_seed=seed,
+                             resume=resume, force=force)
+    except AlreadyComplete:  # killed after its final rename: the store is whole
+        return out
     with writer, tqdm(total=n_samples, initial=writer.committed_rows, unit="row", disable=not progress,
                       desc=f"toy {kind}") as bar:
         start = writer.committed_rows

@@ -46,7 +46,7 @@ def test_each_format_round_trips(tmp_path, array, fmt):
 
 
 def test_large_arrays_stream_in_blocks_across_chunk_boundaries(tmp_path, array, monkeypatch):
-    monkeypatch.setattr(store_module, "COPY_BLOCK_BYTES", 24 * 4 * 700)  # a few hundred rows per block
+    monkeypatch.setattr(store_module.importer, "COPY_BLOCK_BYTES", 24 * 4 * 700)  # a few hundred rows per block
     np.save(tmp_path / "a.npy", array)
     out = import_array(tmp_path / "a.npy", tmp_path / "s.h5", progress=False)
     np.testing.assert_array_equal(stored(out), array)
@@ -112,7 +112,7 @@ def test_bad_arrays_are_refused_with_one_line_and_no_output(tmp_path, array):
 
 
 def test_nonfinite_rows_are_counted_and_nothing_is_written(tmp_path, array, monkeypatch):
-    monkeypatch.setattr(store_module, "COPY_BLOCK_BYTES", 24 * 4 * 500)  # bad rows in several blocks
+    monkeypatch.setattr(store_module.importer, "COPY_BLOCK_BYTES", 24 * 4 * 500)  # bad rows in several blocks
     array[[3, 1500, 2999], [0, 5, 23]] = [np.nan, np.inf, -np.inf]
     array[1500, 7] = np.nan  # two bad values in one row count once
     np.save(tmp_path / "nan.npy", array)

@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsefeat import cli
-from sparsefeat.store import (FORMAT, FORMAT_VERSION, ActivationStore, StoreError, StoreWriter, describe,
-                              file_format, partial_path, split_documents, split_rows)
+from sparsefeat.store import (FORMAT, FORMAT_VERSION, ActivationStore, CopiedRows, MappedRows, StoreError,
+                              StoreWriter, describe, file_format, partial_path, shuffled_batches, split_documents,
+                              split_rows)
 
 # --------------------------------------------------------------------------------------------
 # Round trip
@@ -273,6 +274,55 @@ def test_mapped_and_copied_batch_streams_are_identical(make_store, monkeypatch, 
     for a, b in zip(mapped, copied):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, x[a[:, 0].astype(np.int64)])  # whole rows, as stored
+
+
+def _in_memory_sources(n: int, d: int, chunk_rows: int):
+    """The same rows behind both row sources, without any file: a copied buffer filled from an array,
+    and a map over the array's bytes with its blocks stored in reverse order (offsets not monotonic)."""
+    x = indexed_rows(0, n, d)
+    n_blocks = -(-n // chunk_rows)
+    padded = np.zeros((n_blocks * chunk_rows, d), dtype=np.float32)
+    padded[:n] = x
+    blocks_reversed = padded.reshape(n_blocks, chunk_rows, d)[::-1].copy()
+    row_bytes = d * 4
+    offsets = (n_blocks - 1 - np.arange(n_blocks)) * chunk_rows * row_bytes
+
+    def read(start, stop, out):
+        out[:stop - start] = x[start:stop]
+
+    copied = CopiedRows(read, 0, chunk_rows, d, np.float32)
+    mapped = MappedRows(blocks_reversed.tobytes(), offsets, chunk_rows, row_bytes, np.float32, d)
+    return x, copied, mapped
+
+
+@pytest.mark.parametrize("batch_size,buffer_rows,shuffle,drop_last", [
+    (64, 300, True, False), (7, 1, True, True), (100, 5000, False, False), (1000, 10, True, False)])
+def test_the_one_shuffling_generator_gives_the_same_batches_from_both_row_sources(batch_size, buffer_rows,
+                                                                                  shuffle, drop_last):
+    n, d, chunk_rows = 1000, 8, 96
+    x, copied, mapped = _in_memory_sources(n, d, chunk_rows)
+    copied = CopiedRows(copied.read, max(buffer_rows, batch_size), chunk_rows, d, np.float32)
+    keep = split_rows(n, 0.3, 1).astype(bool)  # deliver the "train" rows
+    blocks = [(s, min(n, s + chunk_rows), np.flatnonzero(keep[s:s + chunk_rows])) for s in range(0, n, chunk_rows)]
+    kw = dict(seed=3, epochs=2, shuffle=shuffle, drop_last=drop_last, buffer_rows=buffer_rows)
+    a = list(shuffled_batches(copied, blocks, batch_size, **kw))
+    b = list(shuffled_batches(mapped, blocks, batch_size, **kw))
+    assert len(a) == len(b) > 1
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(u, x[u[:, 0].astype(np.int64)])  # whole rows
+    ids = np.concatenate([u[:, 0] for u in a]).astype(np.int64)
+    want = np.flatnonzero(keep)
+    per_epoch = want.shape[0] // batch_size * batch_size if drop_last else want.shape[0]
+    assert ids.shape[0] == 2 * per_epoch
+    for epoch in (ids[:per_epoch], ids[per_epoch:]):
+        assert np.isin(epoch, want).all() and np.unique(epoch).shape[0] == per_epoch
+        if shuffle:
+            assert not np.array_equal(epoch, np.sort(epoch))
+    if not shuffle and not drop_last:
+        np.testing.assert_array_equal(ids[:per_epoch], want)
+    other = list(shuffled_batches(mapped, blocks, batch_size, **(kw | {"seed": 4})))
+    assert not shuffle or not all(np.array_equal(u, v) for u, v in zip(a, other))
 
 
 def test_mapped_stream_reads_the_file_that_was_opened_even_if_replaced(tmp_path):
