@@ -218,6 +218,8 @@ class ImportCommand(Command):
         p.add_argument("--key", default=argparse.SUPPRESS, help="tensor name inside a .safetensors file")
         p.add_argument("--dtype", choices=("float16", "float32"), default=argparse.SUPPRESS,
                        help="stored dtype (default: float16 for float16 input, else float32)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an import stopped part way (e.g. by a full disk; same arguments)")
         p.add_argument("--force", action="store_true", help="overwrite an existing store")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show a progress bar")
@@ -225,7 +227,8 @@ class ImportCommand(Command):
     def run(self, args):
         from .store import import_array
         options = {k: getattr(args, k) for k in ("test_fraction", "seed", "site", "key", "dtype") if k in args}
-        path = import_array(args.array, args.out, force=args.force, progress=args.progress, **options)
+        path = import_array(args.array, args.out, force=args.force, resume=args.resume, progress=args.progress,
+                            **options)
         print(f"wrote {path}")
 
 
@@ -257,10 +260,22 @@ class InspectCommand(Command):
     def configure(self, p):
         p.add_argument("file", type=Path, help="a sparsefeat store or results file")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+        p.add_argument("--verify", action="store_true",
+                       help="check every block of a store's rows against its checksum (exit 2 at the first "
+                            "damaged block)")
 
     def run(self, args):
         from . import store
         fmt = store.file_format(args.file)
+        if args.verify:
+            if fmt != store.FORMAT:
+                raise SparsefeatError(f"{args.file}: --verify checks stores; this is a {fmt!r} file")
+            checked = store.verify(args.file)
+            if not checked:
+                print(f"{args.file}: no checksums to verify (a format version 1 store)")
+            else:
+                print(f"{args.file}: verified " + ", ".join(f"site {k}: {v} blocks" for k, v in checked.items()))
+            return 0
         if fmt == store.FORMAT:
             description = store.describe(args.file)
         elif fmt == "sparsefeat.results":

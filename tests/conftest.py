@@ -99,3 +99,36 @@ def kill_after_commit():
         return committed_rows(partial_path(store))
 
     return run
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(size="4m", read_only=False) -> a folder on a fresh tmpfs of that size (a real full disk or
+    a real read-only file system); `tmpfs.resize(folder, size)` grows it. Skips where mounting is
+    not allowed (it needs root)."""
+    mounted = []
+
+    def mount(size: str = "4m", read_only: bool = False) -> Path:
+        folder = tmp_path / f"mnt{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    def resize(folder: Path, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+
+    mount.resize = resize
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m sparsefeat.cli ARGV` in a fresh process (for failures that could kill a process)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "sparsefeat.cli", *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=timeout)

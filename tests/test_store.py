@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import indexed_rows
+from conftest import indexed_rows, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsefeat import cli
 from sparsefeat.store import (FORMAT, FORMAT_VERSION, ActivationStore, CopiedRows, MappedRows, StoreError,
-                              StoreWriter, describe, file_format, partial_path, shuffled_batches, split_documents,
+                              StoreWriter, describe, file_format, import_array, partial_path, shuffled_batches, split_documents,
                               split_rows)
 
 # --------------------------------------------------------------------------------------------
@@ -550,3 +553,265 @@ def test_an_unfinished_store_is_never_discarded_without_force_and_has_one_writer
     with StoreWriter(tmp_path / "v.h5", sites={"x": 4}, provenance={}) as w3:
         w3.append({"x": np.ones((3, 4))}, test=np.zeros(3))
     assert not list(tmp_path.glob("*.lock"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reliability (issue 8): resume settings, full disks, checksums, bad paths and attributes
+# --------------------------------------------------------------------------------------------
+
+BASE = dict(sites={"x": 4}, provenance={"run": 1}, kind="toy", dtype="float32", units="u", split_unit="row",
+            test_fraction=0.2, split_seed=5, compression=None, tokens=False)
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"dtype": "float16"}, "its dtype is float32, this run's is float16"),
+    ({"compression": "lzf"}, "its compression is none, this run's is lzf"),
+    ({"units": "v"}, "its units differs"), ({"split_seed": 6}, "its split_seed differs"),
+    ({"test_fraction": 0.3}, "its test_fraction differs"), ({"split_unit": "document"}, "its split_unit differs"),
+    ({"kind": "import"}, "its kind differs"), ({"sites": {"x": 4, "y": 4}}, "its sites"),
+    ({"tokens": True}, "this run records tokens and it does not"),
+])
+def test_resume_refuses_every_setting_that_changes_the_bytes_and_leaves_the_partial_untouched(
+        tmp_path, digest, change, pattern):
+    path = tmp_path / "p.h5"
+    w = StoreWriter(path, **BASE)
+    w.append({"x": np.ones((10, 4))}, test=np.zeros(10))
+    w.close(complete=False)
+    before = digest(partial_path(path))
+    with pytest.raises(StoreError, match=f"cannot resume: {pattern}") as e:
+        StoreWriter(path, **(BASE | change), resume=True)
+    _one_line(e, path)
+    assert digest(partial_path(path)) == before and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_refused_resume_of_a_killed_writer_does_not_rebuild_its_partial(tmp_path, kill_after_commit, digest):
+    path = tmp_path / "killed.h5"
+    code = WRITER_FOREVER.format(tests=str(Path(__file__).parent), path=str(path), d=KILL_D, block=KILL_BLOCK)
+    kill_after_commit(code, path, min_rows=2 * KILL_BLOCK)
+    before = digest(partial_path(path))
+    with pytest.raises(StoreError, match="cannot resume: its dtype is float32, this run's is float16"):
+        StoreWriter(path, sites={"x": KILL_D}, provenance={"run": 1}, test_fraction=0.2, split_seed=5,
+                    dtype="float16", resume=True)
+    assert digest(partial_path(path)) == before
+
+
+def _big_array(tmp_path, rows=24_000, d=64) -> Path:
+    src = tmp_path / "big.npy"
+    np.save(src, indexed_rows(0, rows, d))
+    return src
+
+
+def test_import_of_a_file_onto_itself_is_refused_even_with_force(tmp_path, capsys, digest):
+    src = tmp_path / "a.npy"
+    np.save(src, np.ones((10, 4), np.float32))
+    before = digest(src)
+    for out in (src, tmp_path / "." / "a.npy"):
+        assert cli.main(["import", str(src), "--out", str(out), "--force", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is also an input of this command" in err
+    assert digest(src) == before and not partial_path(src).exists()
+
+
+def _no_traceback(done, *patterns):
+    err = done.stderr
+    assert done.returncode == 2, (done.returncode, err[-2000:])
+    assert err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+    for p in patterns:
+        assert p in err, err
+    return err
+
+
+SMALL_BLOCKS = """
+import sys
+import sparsefeat.store.importer as importer
+import sparsefeat.store.writer as writer
+importer.COPY_BLOCK_BYTES = 1 << 18  # copy in blocks of 1,024 rows, so a prefix fits on the small disk
+if sys.argv[1] == "no-precheck":
+    writer.check_free_space = lambda *a, **k: None  # let HDF5 itself meet the full disk
+from sparsefeat import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("precheck", [True, False])
+def test_a_full_disk_stops_import_with_one_line_keeps_the_prefix_and_resume_finishes(tmp_path, tmpfs, precheck):
+    src = _big_array(tmp_path)  # 6 MB of rows
+    disk = tmpfs("4m")
+    out = disk / "s.h5"
+    argv = ["import", src, "--out", out, "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def run(*extra):  # without the check before each block, the write error itself is caught (HDF5
+        # used to end the process with SIGSEGV here)
+        return subprocess.run([sys.executable, "-c", SMALL_BLOCKS, "precheck" if precheck else "no-precheck",
+                               *map(str, argv + list(extra))], env=env, capture_output=True, text=True, timeout=120)
+
+    err = _no_traceback(run(), f"{partial_path(out)}: no space left on the device", "--resume")
+    assert "--force" not in err and partial_path(out).exists() and not out.exists()
+    with ActivationStore(partial_path(out)) as s:
+        kept = s.n_rows()
+        assert 0 < kept < 24_000
+        np.testing.assert_array_equal(s.load("x").numpy()[:, 0], np.arange(kept))
+    still_full = run("--resume")  # resuming before space is freed: the same advice, not --force
+    err = _no_traceback(still_full, "no space left", "--resume")
+    assert "--force" not in err and partial_path(out).exists()
+    tmpfs.resize(disk, "64m")
+    done = run("--resume")
+    assert done.returncode == 0, done.stderr
+    with ActivationStore(out) as s:
+        assert s.complete and s.n_rows() == 24_000
+        np.testing.assert_array_equal(s.load("x").numpy(), np.load(src))
+    assert not partial_path(out).exists()
+
+
+def test_a_full_disk_stops_toy_with_one_line_and_resume_equals_an_uninterrupted_run(tmp_path, tmpfs):
+    disk = tmpfs("6m")  # room for two of the three blocks of 2 MB
+    argv = ["toy", "gaussian", "--d", "64", "--n-samples", "20000", "--no-progress"]
+    out = disk / "g.h5"
+    err = _no_traceback(run_cli(*argv, "--out", out), "no space left on the device", "--resume")
+    assert "--force" not in err and partial_path(out).exists()
+    with ActivationStore(partial_path(out)) as s:
+        assert 0 < s.n_rows() < 20_000
+    tmpfs.resize(disk, "64m")
+    assert run_cli(*argv, "--out", out, "--resume").returncode == 0
+    assert run_cli(*argv, "--out", tmp_path / "ref.h5").returncode == 0
+    with ActivationStore(out) as got, ActivationStore(tmp_path / "ref.h5") as want:
+        np.testing.assert_array_equal(got.load("x").numpy(), want.load("x").numpy())
+        np.testing.assert_array_equal(got.split_mask("test"), want.split_mask("test"))
+
+
+@pytest.mark.parametrize("command", ["toy", "import"])
+def test_existing_folder_or_read_only_folder_as_output_is_one_line_and_leaves_nothing(tmp_path, tmpfs, capsys,
+                                                                                      command):
+    src = tmp_path / "a.npy"
+    np.save(src, np.ones((100, 4), np.float32))
+    argv = ["toy", "gaussian", "--d", "4", "--n-samples", "100"] if command == "toy" else ["import", str(src)]
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    assert cli.main(argv + ["--out", str(folder), "--force", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder}: is a folder" in err
+    assert not partial_path(folder).exists() and not list(folder.iterdir())
+    read_only = tmpfs("1m", read_only=True)
+    assert cli.main(argv + ["--out", str(read_only / "s.h5"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "permission denied (is the folder read-only?)" in err
+
+
+@pytest.mark.parametrize("site", ["", ".", "..", "a/b", " x", "-x"])
+def test_import_refuses_a_bad_site_name_before_creating_anything(tmp_path, capsys, site):
+    src = tmp_path / "a.npy"
+    np.save(src, np.ones((10, 4), np.float32))
+    out = tmp_path / "out" / "s.h5"
+    assert cli.main(["import", str(src), "--out", str(out), f"--site={site}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad site name" in err and "--resume" not in err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "-0.1", "1.5", "nan"])
+@pytest.mark.parametrize("command", ["toy", "import"])
+def test_toy_and_import_refuse_a_test_fraction_outside_0_1_up_front(tmp_path, capsys, command, fraction):
+    src = tmp_path / "a.npy"
+    np.save(src, np.ones((10, 4), np.float32))
+    argv = ["toy", "gaussian", "--d", "4", "--n-samples", "100"] if command == "toy" else ["import", str(src)]
+    out = tmp_path / "out" / "s.h5"
+    assert cli.main(argv + ["--out", str(out), "--test-fraction", fraction, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test fraction must be in (0, 1)" in err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("attr,value,pattern", [
+    ("provenance", "{not json", "attribute 'provenance' is not JSON"),
+    ("provenance", "[1, 2]", "attribute 'provenance' is not a JSON object"),
+    ("test_fraction", "abc", "attribute 'test_fraction' is 'abc', not a number"),
+    ("split_seed", "x", "attribute 'split_seed' is 'x', not a number"),
+])
+def test_damaged_store_attributes_are_one_line_when_opening(make_store, capsys, attr, value, pattern):
+    path = make_store(n=20, block=20)
+    with h5py.File(path, "a") as f:
+        f.attrs[attr] = value
+    with pytest.raises(StoreError, match=pattern) as e:
+        ActivationStore(path)
+    _one_line(e, path)
+    assert cli.main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and pattern in err
+
+
+def test_three_dimensional_activations_are_refused_with_one_line(tmp_path, make_store):
+    path = make_store(n=20, block=20)
+    with h5py.File(path, "a") as f:
+        del f["activations/x"]
+        f["activations/x"] = np.zeros((20, 4, 4), np.float32)
+    with pytest.raises(StoreError, match="site 'x' is not a \\[rows, d\\] dataset") as e:
+        ActivationStore(path)
+    _one_line(e, path)
+    from safetensors.torch import save_file
+    torch.save(torch.zeros(5, 3, 2), tmp_path / "cube.pt")
+    save_file({"a": torch.zeros(5, 3, 2)}, tmp_path / "cube.safetensors")
+    for src in (tmp_path / "cube.pt", tmp_path / "cube.safetensors"):
+        with pytest.raises(StoreError, match="expected an array of shape \\[rows, d\\], got shape \\(5, 3, 2\\)"):
+            import_array(src, tmp_path / "o.h5", progress=False)
+    assert not (tmp_path / "o.h5").exists() and not partial_path(tmp_path / "o.h5").exists()
+
+
+# -- checksums --------------------------------------------------------------------------------
+
+
+def _flip_bytes(path: Path, site: str = "x", row: int = 0, count: int = 64) -> None:
+    """Flip `count` bytes of the stored rows starting at `row` (in the file, behind HDF5's back)."""
+    with h5py.File(path, "r") as f:
+        ds = f["activations"][site]
+        chunk_rows = ds.chunks[0]
+        info = ds.id.get_chunk_info_by_coord((row // chunk_rows * chunk_rows, 0))
+        at = info.byte_offset + (row % chunk_rows) * ds.shape[1] * ds.dtype.itemsize
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        data = bytearray(fh.read(count))
+        fh.seek(at)
+        fh.write(bytes(b ^ 0x5A for b in data))
+
+
+def test_checksums_cover_every_block_and_survive_resume(tmp_path, make_store):
+    path = make_store(n=5000, d=64, block=1300)  # 4,096-row chunks, blocks cut across them
+    with ActivationStore(path) as s:
+        assert s.verify() == {"x": 2} and s.format_version == FORMAT_VERSION == 2
+        sums = s.f["checksums/x"][:]
+        x = s.f["activations/x"][:]
+    import zlib
+    assert [zlib.adler32(np.ascontiguousarray(x[lo:lo + 4096])) for lo in (0, 4096)] == list(sums)
+
+
+def test_damaged_rows_are_found_by_inspect_verify_and_by_every_reader(make_store, capsys):
+    path = make_store(n=9000, d=64, block=1000)  # three blocks of 4,096 rows
+    assert cli.main(["inspect", "--verify", str(path)]) == 0
+    assert "site x: 3 blocks" in capsys.readouterr().out
+    _flip_bytes(path, row=5000)
+    assert cli.main(["inspect", "--verify", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "site 'x' is damaged: block 1 (rows 4096..8191) fails its checksum" in err
+    for read in (lambda s: s.load("x"), lambda s: list(s.batches("x", "all", 512)), lambda s: s.moments("x"),
+                 lambda s: s.mean_squared_norm("x")):
+        with ActivationStore(path) as s:
+            with pytest.raises(StoreError, match="block 1 \\(rows 4096..8191\\) fails its checksum") as e:
+                read(s)
+            _one_line(e, path)
+    with pytest.MonkeyPatch.context() as m:  # the copied source checks too
+        m.setattr(ActivationStore, "_mapped_rows", lambda self, ds: None)
+        with ActivationStore(path) as s, pytest.raises(StoreError, match="fails its checksum"):
+            list(s.batches("x", "train", 100, buffer_rows=100))
+
+
+def test_version_1_stores_without_checksums_are_still_read(make_store, capsys):
+    path = make_store(n=3000, d=16)
+    with h5py.File(path, "a") as f:
+        del f["checksums"]
+        f.attrs["format_version"] = 1
+    with ActivationStore(path) as s:
+        assert s.format_version == 1 and s.load("x").shape == (3000, 16)
+        assert sum(len(b) for b in s.batches("x", "all", 256)) == 3000
+    assert describe(path)["format_version"] == 1
+    assert cli.main(["inspect", "--verify", str(path)]) == 0
+    assert "no checksums to verify (a format version 1 store)" in capsys.readouterr().out

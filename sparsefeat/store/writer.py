@@ -32,6 +32,10 @@ CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: large enough to stream fast, small enoug
 BLOCK_ROWS_TOKENS = 1 << 16
 COPY_BLOCK_BYTES = 32 << 20  # imports and rebuilds copy rows in blocks of about this size
 FREE_SPACE_MARGIN = 1 << 20  # HDF5 metadata written beside a block's rows
+# No raw-data chunk cache for writing: blocks go to the file as they are written, so a full disk fails
+# the write itself (an OSError we can report) and not a later flush of cached chunks, after which HDF5
+# cannot close the file and the process dies by SIGSEGV.
+WRITE_OPTIONS = dict(libver="latest", rdcc_nbytes=0)
 DTYPES = ("float16", "float32")
 COMPRESSIONS = (None, "none", "lzf", "gzip")
 _SITE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -197,7 +201,7 @@ class StoreWriter:
         try:
             if self.tmp.exists():
                 self.tmp.unlink()  # an abandoned partial and --force: start again
-            f = self.f = h5py.File(self.tmp, "w", libver="latest")
+            f = self.f = h5py.File(self.tmp, "w", **WRITE_OPTIONS)
         except OSError as e:
             raise OutputError(describe_os_error(self.tmp, e)) from None
         try:
@@ -245,14 +249,14 @@ class StoreWriter:
 
     def _reopen(self) -> None:
         try:
-            f = h5py.File(self.tmp, "a", libver="latest")
+            f = h5py.File(self.tmp, "a", **WRITE_OPTIONS)
         except OSError:
             # A killed SWMR writer leaves the consistency flags set and plain opens fail; rebuild the
             # file from its committed prefix (readable with swmr=True) and continue from that.
             check_free_space(self.tmp, self.tmp.stat().st_size + FREE_SPACE_MARGIN, resumable=True)
             try:
                 rebuild_committed_prefix(self.tmp)
-                f = h5py.File(self.tmp, "a", libver="latest")
+                f = h5py.File(self.tmp, "a", **WRITE_OPTIONS)
             except Exception as e:
                 if is_disk_full(e):
                     raise self._output_error(e) from None
@@ -439,7 +443,7 @@ class StoreWriter:
             raise StoreError(f"{self.path}: no rows were written")
         nbytes = sum(np.asarray(a).nbytes for a in (ground_truth or {}).values())
         check_free_space(self.tmp, nbytes + FREE_SPACE_MARGIN, resumable=True)
-        with h5py.File(self.tmp, "a", libver="latest") as f:
+        with h5py.File(self.tmp, "a", **WRITE_OPTIONS) as f:
             for name, arr in (ground_truth or {}).items():
                 if name in f["ground_truth"]:
                     del f["ground_truth"][name]
