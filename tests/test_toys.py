@@ -314,3 +314,96 @@ def test_cli_toy_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, pattern
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sparsefeat toy: error:") and re.search(pattern, err)
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Kill tests with default settings (issue 8): SIGKILL anywhere, then --resume == uninterrupted
+# --------------------------------------------------------------------------------------------
+
+TOY_DEFAULT = ["toy", "sparse", "--no-progress"]  # 100,000 rows x 256, 13 blocks of 8,192 rows
+
+# A toy run that SIGKILLs itself at one point of closing the store (`when`): before the ground
+# truth is written, just before the .partial is renamed, or just after.
+SELF_KILLED_AT_CLOSE = """
+import os, signal, sys
+import sparsefeat.store.writer as writer
+when = sys.argv[1]
+finish, replace = writer.StoreWriter._finish, os.replace
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def killed_finish(self, *a, **kw):
+    if when == "finish":
+        die()
+    return finish(self, *a, **kw)
+def killed_replace(src, dst):
+    if when == "before-rename":
+        die()
+    replace(src, dst)
+    if when == "after-rename":
+        die()
+writer.StoreWriter._finish = killed_finish
+writer.os.replace = killed_replace
+from sparsefeat import cli
+cli.main(sys.argv[2:])
+"""
+
+
+def _contents(path: Path) -> dict:
+    """Every dataset's bytes and every attribute of a store, except the timestamps."""
+    import h5py
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = {k: v for k, v in f.attrs.items() if k not in ("created", "completed")}
+
+        def visit(name, obj):
+            attrs = dict(obj.attrs)
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj.dtype.str, obj.shape, obj[()].tobytes(), attrs)
+            else:
+                out[name] = attrs
+        f.visititems(visit)
+    return out
+
+
+def _same_store(got: Path, want: Path) -> None:
+    a, b = _contents(got), _contents(want)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert repr(a[key]) == repr(b[key]), key
+
+
+@pytest.fixture(scope="module")
+def default_toy(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("default") / "reference.h5"
+    assert cli.main(TOY_DEFAULT + ["--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocks", sorted(np.random.default_rng(2026).choice(np.arange(1, 13), 3, replace=False)))
+def test_default_toy_killed_at_a_random_commit_resumes_bit_identical(tmp_path, kill_after_commit, default_toy,
+                                                                     blocks):
+    out = tmp_path / "k.h5"
+    code = f"from sparsefeat import cli; cli.main({TOY_DEFAULT + ['--out', str(out)]!r})"
+    committed = kill_after_commit(code, out, min_rows=int(blocks) * 8192)
+    assert committed < 100_000 and not out.exists()
+    assert cli.main(TOY_DEFAULT + ["--out", str(out), "--resume"]) == 0
+    _same_store(out, default_toy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["finish", "before-rename", "after-rename"])
+def test_default_toy_killed_while_closing_resumes_bit_identical(tmp_path, default_toy, when):
+    import os
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "k.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", SELF_KILLED_AT_CLOSE, when, *TOY_DEFAULT, "--out", str(out)],
+                          env=env, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    assert out.exists() == (when == "after-rename")
+    assert cli.main(TOY_DEFAULT + ["--out", str(out), "--resume"]) == 0
+    assert not partial_path(out).exists()
+    _same_store(out, default_toy)
