@@ -344,16 +344,35 @@ def test_excess_over_the_matched_null_is_within_noise_without_sparse_structure(t
 # ---- the count command ---------------------------------------------------------------------------
 
 
-def test_count_command_prints_one_line_per_sweep_and_json(study_files, capsys):
+HEADLINE_KEYS = {"estimate", "uncertainty", "lower_bound", "sparsity", "rule", "reason", "excluded", "scores"}
+
+
+def test_count_command_leads_with_headlines_then_one_line_per_setting_and_json(study_files, capsys):
     import json
     from sparsefeat import cli
     assert cli.main(["count", *map(str, study_files), "--bootstrap", "20"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("headline")
+    heads = out[1:1 + len(study_files)]  # one headline per dataset/site, before the table
+    assert any(line.strip().startswith("sparse [toy]: 12±1 features") and "relu-l1 l1=0.1" in line
+               and "only setting" in line and "vs null +12±1" in line for line in heads)
+    assert any(line.strip().startswith("m/resid_3 [model]: 20±1") and "vs layer 0 +14±1" in line
+               and "vs random init +11±1" in line for line in heads)
+    table = out[out.index("sensitivity: every sparsity setting") + 1:]
     assert table[0].startswith("dataset/site") and len(table) == 2 + len(study_files)
     assert any(line.startswith("sparse ") and "12±1 (m=16)" in line and "+12±1" in line for line in table)
     assert cli.main(["count", *map(str, study_files), "--bootstrap", "20", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in rows] == ["sparse", "sparse-null", "gmm", "m/resid_0", "m/resid_3", "r/resid_3"]
+    for r in rows:
+        assert HEADLINE_KEYS <= set(r["headline"]) and r["headline"]["rule"]["name"] == "only setting"
+    toy, null, layer = rows[0]["headline"], rows[1]["headline"], rows[4]["headline"]
+    assert toy["estimate"] == 12 and toy["lower_bound"] == 12 and toy["reason"] is None and rows[0]["chosen"]
+    assert toy["sparsity"] == {"arch": "relu-l1", "name": "l1", "value": 0.1}
+    assert toy["comparisons"]["null"]["excess"] == 12 and toy["comparisons"]["null"]["within_noise"] is False
+    assert toy["comparisons"]["control gmm"]["excess"] == 12 - 5
+    assert null["estimate"] == 0 and null["excluded"] == [] and rows[1]["chosen"]
+    assert layer["comparisons"]["random init"]["excess"] == 20 - 9
 
 
 @pytest.mark.parametrize("make", ["text", "store", "missing"])
