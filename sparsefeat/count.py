@@ -13,6 +13,11 @@ The rule (argued in docs/method.md):
    size; the estimate is the largest N on the plateau. No plateau inside the sweep: no estimate, only the
    lower bound "> N(M)".
 
+The headline of a dataset/site: among its sparsity settings, exclude the collapsed ones (every latent
+dead, held-out FVU ~1 at every size, objective rising with size), then take the knee of the held-out
+L0-vs-FVU frontier: the sparsest setting from which no denser one explains `knee_gain` of the variance per
+doubling of L0. Its estimate is the headline; the other settings form the sensitivity table.
+
 The held-out stop: the smallest size beyond which no step to a larger size lowers the test loss by more
 than its noise (paired bootstrap over test rows), reported beside how much the train loss still falls.
 """
