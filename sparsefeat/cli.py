@@ -372,11 +372,20 @@ class CountCommand(Command):
 
     def run(self, args):
         from . import count
-        counts = count.count_results(args.results, config_from_args(count.CountConfig, args))
+        study = count.count_study(args.results, config_from_args(count.CountConfig, args))
+        counts = study.sweeps
         if args.json:
-            print_json(count.to_json(counts))
+            print_json(count.to_json(counts, study.headlines))
             return 0
+        print("headline (one per dataset/site; sparsity chosen on held-out data, docs/method.md):")
+        for line in count.headline_lines(study.headlines):
+            print(f"  {line}")
+        print("\nsensitivity: every sparsity setting")
         print(count.format_table(count.TABLE_COLUMNS, count.table_rows(counts)))
+        for h in study.headlines:
+            for e in h.excluded:
+                s = e["sparsity"]
+                print(f"- {h.label} ({s['arch']} {s['name']}={s['value']:g}) excluded: {e['why']}")
         for c in counts:
             for warning in c.warnings:
                 print(f"* {c.label} ({c.setting}): {warning}")

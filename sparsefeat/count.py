@@ -13,6 +13,11 @@ The rule (argued in docs/method.md):
    size; the estimate is the largest N on the plateau. No plateau inside the sweep: no estimate, only the
    lower bound "> N(M)".
 
+The headline of a dataset/site: among its sparsity settings, exclude the collapsed ones (every latent
+dead, held-out FVU ~1 at every size, objective rising with size), then take the knee of the held-out
+L0-vs-FVU frontier: the sparsest setting from which no denser one explains `knee_gain` of the variance per
+doubling of L0. Its estimate is the headline; the other settings form the sensitivity table.
+
 The held-out stop: the smallest size beyond which no step to a larger size lowers the test loss by more
 than its noise (paired bootstrap over test rows), reported beside how much the train loss still falls.
 """
@@ -59,6 +64,11 @@ class CountConfig:
     undertrained_tolerance: float = field(default=0.05, metadata={
         "help": "warn when a larger dictionary ends with a training objective this much above a smaller one's"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
+    knee_gain: float = field(default=0.1, metadata={
+        "help": "headline rule: the sparsest setting from which doubling the held-out L0 explains less than "
+                "this share of the variance (see docs/method.md)"})
+    collapse_fvu: float = field(default=0.99, metadata={
+        "help": "a setting whose held-out FVU is at least this at every size collapsed: no headline from it"})
 
     def __post_init__(self):
         for name in ("match_floor", "merge_floor"):
@@ -68,6 +78,10 @@ class CountConfig:
             raise ValueError(f"random_quantile must be in (0, 1), got {self.random_quantile}")
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if not 0.0 < self.knee_gain < 1.0:
+            raise ValueError(f"knee_gain must be in (0, 1), got {self.knee_gain}")
+        if not 0.0 < self.collapse_fvu:
+            raise ValueError(f"collapse_fvu must be positive, got {self.collapse_fvu}")
         if self.bootstrap < 10:
             raise ValueError(f"bootstrap must be at least 10, got {self.bootstrap}")
 
@@ -285,6 +299,7 @@ class SizeRow:
     threshold: float      # tau used for merging and matching at this size
     reproduced: float     # N(m): distinct alive directions reproduced across seeds (NaN: one seed)
     reproduced_spread: float  # std of N(m) over seed pairs
+    all_dead: int = 0     # members of this size with every latent dead on the test split
 
 
 @dataclass
@@ -333,6 +348,7 @@ class SweepCount:
     held_out: HeldOutStop
     warnings: list[str] = field(default_factory=list)
     comparisons: dict[str, Comparison] = field(default_factory=dict)
+    relations: dict[str, str] = field(default_factory=dict)  # role -> label of its null/layer 0/random init
 
     @property
     def setting(self) -> str:
@@ -478,7 +494,8 @@ def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
                    dead_fraction=mean("test", "dead_fraction"), mmcs_next=signal("mmcs_next"),
                    shared_seed=signal("shared_seed"), mmcs_gt=signal("mmcs_gt"), threshold=tau,
                    reproduced=float(np.mean(found)) if found else math.nan,
-                   reproduced_spread=float(np.std(found)) if found else math.nan)
+                   reproduced_spread=float(np.std(found)) if found else math.nan,
+                   all_dead=sum(m.metrics["test"]["dead_fraction"] >= 1.0 for m in members))
 
 
 def test_documents(r, n_rows: int) -> np.ndarray | None:
@@ -583,6 +600,7 @@ def attach_comparisons(counts: list[SweepCount], results, labels) -> None:
     every control of the same width."""
     relations = find_relations(results, labels)
     for c in counts:
+        c.relations = dict(relations.get(c.label, {}))
         for role, other in relations.get(c.label, {}).items():
             twin = _counterpart(counts, other, c)
             if twin is not None:
@@ -593,6 +611,206 @@ def attach_comparisons(counts: list[SweepCount], results, labels) -> None:
                     twin = _counterpart(counts, other.label, c)
                     if twin is other:
                         c.comparisons[f"control {other.label}"] = compare(c, other, "control")
+
+
+# --------------------------------------------------------------------------------------------
+# One headline per dataset/site: the sparsity setting chosen on held-out data
+# --------------------------------------------------------------------------------------------
+
+RULE_KNEE = dict(name="held-out knee", description=(
+    "the sparsest non-collapsed setting on the held-out L0-vs-FVU frontier from which no denser setting "
+    "explains at least knee_gain of the variance per doubling of L0"))
+RULE_ONLY = dict(name="only setting", description="the sweep trained one sparsity setting; it is the headline")
+
+
+@dataclass
+class SettingScore:
+    """One sparsity setting as a headline candidate: its held-out frontier point and its verdict."""
+    sparsity: dict               # {"arch", "name", "value"}
+    size: int                    # the size whose held-out point is used: the lowest test FVU
+    l0: float                    # test L0 at that size (seed mean)
+    fvu: float                   # test FVU at that size (seed mean)
+    gain: float | None           # most variance a denser candidate explains per doubling of L0 from here
+    status: str                  # "chosen", "candidate", "dominated" or "excluded"
+    why: str = ""                # why excluded or dominated
+    estimate: float | None = None
+
+
+@dataclass
+class Headline:
+    """The one number of a dataset/site: the estimate at the sparsity setting chosen by `rule`."""
+    label: str
+    role: str
+    d: int
+    expected: int | None
+    estimate: float | None
+    uncertainty: float | None
+    lower_bound: float | None      # N at the largest size of the chosen setting
+    size: int | None               # first size of the plateau
+    sparsity: dict | None          # the chosen setting, {"arch", "name", "value"}; None: none usable
+    rule: dict                     # {"name", "description"}
+    reason: str | None             # why there is no estimate (None when there is one)
+    excluded: list[dict]           # [{"sparsity": {...}, "why": "..."}]
+    scores: list[SettingScore]
+    warnings: list[str] = field(default_factory=list)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> str:
+        s = self.sparsity
+        return "-" if s is None else f"{s['arch']} {s['name']}={s['value']:g}"
+
+    def text(self) -> str:
+        """One line: the number (or why there is none), the chosen setting and the rule."""
+        if self.estimate is not None:
+            number = f"{self.estimate:.0f}±{self.uncertainty:.0f} features (plateau from m={self.size})"
+        else:
+            bound = "" if self.lower_bound is None or math.isnan(self.lower_bound) else f"; >{self.lower_bound:.0f}"
+            number = f"no estimate ({self.reason}{bound})"
+        expected = "" if self.expected is None else f", expected {self.expected}"
+        comps = "".join(f", vs {role} {c.text()}" for role, c in self.comparisons.items()
+                        if role in ("null", "layer 0", "random init"))
+        return f"{self.label} [{self.role}]: {number} at {self.setting} by {self.rule['name']}{expected}{comps}"
+
+
+def _sparsity_of(c: SweepCount) -> dict:
+    return {"arch": c.arch, "name": c.sparsity_name, "value": c.sparsity}
+
+
+def collapse_reason(c: SweepCount, config: CountConfig) -> str | None:
+    """Why a setting's members describe the optimiser rather than the data, or None.
+
+    Every latent dead (some member reconstructs nothing), a held-out FVU at the level of predicting the
+    mean at every size, or a training objective that rises with size (a larger dictionary can copy a smaller one, so
+    that is a training failure): the count of such a setting is not an answer about the data."""
+    dead = [s.size for s in c.sizes if s.all_dead]
+    if dead:
+        return f"every latent dead at m={','.join(map(str, dead))}"
+    best = min(s.test_fvu for s in c.sizes)
+    if best >= config.collapse_fvu:  # at every size: a small dictionary alone may honestly explain little
+        return f"held-out FVU >= {config.collapse_fvu:g} at every size (best {best:.2f})"
+    undertrained = [w for w in c.warnings if w.startswith("undertrained")]
+    if undertrained:
+        return "loss rises with size: " + undertrained[0].split(";")[0]
+    return None
+
+
+def frontier_point(c: SweepCount) -> SizeRow:
+    """The size of a setting that reconstructs held-out rows best (lowest test FVU; ties: the smaller)."""
+    return min(c.sizes, key=lambda s: (s.test_fvu, s.size))
+
+
+def choose_setting(points: list[tuple[float, float]], gain: float) -> tuple[int, list[float | None], set[int]]:
+    """The knee of a held-out (L0, FVU) frontier.
+
+    `points`: one (L0, FVU) per candidate. Candidates that another beats on both (lower or equal L0 and
+    FVU, one strictly) are dominated. Along the rest, sorted by L0, the choice is the sparsest point i from
+    which no denser point j explains `gain` or more of the variance per doubling of L0:
+    (FVU_i − FVU_j) / log2(L0_j / L0_i) < gain. Returns (index chosen, gain per point, dominated indices).
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1], i))
+    dominated = {i for i in order for j in order if j != i and points[j][0] <= points[i][0]
+                 and points[j][1] <= points[i][1] and points[j] != points[i]}
+    front = [i for i in order if i not in dominated]
+    gains: list[float | None] = [None] * len(points)
+    for a, i in enumerate(front):
+        rates = [(points[i][1] - points[j][1]) / math.log2(points[j][0] / points[i][0])
+                 if points[j][0] > points[i][0] > 0 else math.inf for j in front[a + 1:]]
+        gains[i] = max(rates) if rates else 0.0
+    chosen = next((i for i in front if gains[i] < gain), front[-1])
+    return chosen, gains, dominated
+
+
+def headline(sweeps: list[SweepCount], config: CountConfig) -> Headline:
+    """The headline of one dataset/site from its sweeps (one per sparsity setting); see docs/method.md."""
+    first = sweeps[0]
+    excluded, scores, candidates = [], [], []
+    for c in sweeps:
+        row = frontier_point(c)
+        why = collapse_reason(c, config)
+        scores.append(SettingScore(_sparsity_of(c), row.size, row.l0, row.test_fvu, None,
+                                   "excluded" if why else "candidate", why or "", c.saturation.estimate))
+        if why:
+            excluded.append({"sparsity": _sparsity_of(c), "why": why})
+        else:
+            candidates.append(len(scores) - 1)
+    rule = RULE_ONLY if len(sweeps) == 1 else RULE_KNEE
+    empty = dict(label=first.label, role=first.role, d=first.d, expected=first.expected, rule=rule,
+                 excluded=excluded, scores=scores)
+    if not candidates:
+        what = excluded[0]["why"] if len(sweeps) == 1 else "every setting collapsed"
+        return Headline(**empty, estimate=None, uncertainty=None, lower_bound=None, size=None, sparsity=None,
+                        reason=what)
+    points = [(scores[i].l0, scores[i].fvu) for i in candidates]
+    pick, gains, dominated = choose_setting(points, config.knee_gain)
+    for k, i in enumerate(candidates):
+        scores[i].gain = gains[k]
+        if k in dominated:
+            scores[i].status, scores[i].why = "dominated", "another setting has lower held-out L0 and FVU"
+    scores[candidates[pick]].status = "chosen"
+    chosen = sweeps[candidates[pick]]
+    sat = chosen.saturation
+    reason = None
+    if sat.estimate is None:
+        reason = ("one seed: N(m) needs two seeds per size" if math.isnan(sat.lower_bound)
+                  else f"no plateau up to m={sat.largest_size}")
+    return Headline(**empty, estimate=sat.estimate, uncertainty=sat.uncertainty,
+                    lower_bound=None if math.isnan(sat.lower_bound) else sat.lower_bound, size=sat.size,
+                    sparsity=_sparsity_of(chosen), reason=reason, warnings=list(chosen.warnings))
+
+
+def headlines(counts: list[SweepCount], config: CountConfig | None = None) -> list[Headline]:
+    """One headline per dataset/site (label), in the order of the count table, each compared with its
+    controls' headlines (the relations `attach_comparisons` found)."""
+    config = config or CountConfig()
+    by_label: dict[str, list[SweepCount]] = {}
+    for c in counts:
+        by_label.setdefault(c.label, []).append(c)
+    out = [headline(group, config) for group in by_label.values()]
+    attach_headline_comparisons(out, counts, {label: group[0].relations for label, group in by_label.items()})
+    return out
+
+
+def chosen_sweep(h: Headline, counts: list[SweepCount]) -> SweepCount | None:
+    """The sweep of a headline's chosen setting."""
+    if h.sparsity is None:
+        return None
+    return next((c for c in counts if c.label == h.label and _sparsity_of(c) == h.sparsity), None)
+
+
+def attach_headline_comparisons(hs: list[Headline], counts: list[SweepCount],
+                                relations: dict[str, dict[str, str]]) -> None:
+    """Each headline against its null, layer 0, random-init twin and (toys, data) the controls of the same
+    width, each side at its own chosen setting: every dataset's sparsity is chosen on its own data."""
+    by_label = {h.label: h for h in hs}
+    for h in hs:
+        mine = chosen_sweep(h, counts)
+        if mine is None:
+            continue
+        others = dict(relations.get(h.label, {}))
+        if h.role in ("toy", "data"):
+            others.update({f"control {o.label}": o.label for o in hs if o.role == "control" and o.d == h.d
+                           and o.label != h.label})
+        for key, other in others.items():
+            theirs = chosen_sweep(by_label[other], counts) if other in by_label else None
+            if theirs is not None:
+                h.comparisons[key] = compare(mine, theirs, "control" if key.startswith("control") else key)
+
+
+@dataclass
+class Count:
+    """The whole count of some results files: the sensitivity table (one SweepCount per dataset/site and
+    setting) and one headline per dataset/site."""
+    sweeps: list[SweepCount]
+    headlines: list[Headline]
+
+
+def count_study(paths, config: CountConfig | None = None, *, roles: dict[str, str] | None = None,
+                progress: bool = False) -> Count:
+    """`count_results` plus the headline of each dataset/site."""
+    config = config or CountConfig()
+    sweeps = count_results(paths, config, roles=roles, progress=progress)
+    return Count(sweeps, headlines(sweeps, config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,8 +854,25 @@ def size_table(c: SweepCount) -> str:
     return format_table(SIZE_COLUMNS, rows)
 
 
-def to_json(counts: list[SweepCount]) -> list[dict]:
-    """JSON-ready dicts (NaN -> None), with the within-noise verdict of each comparison."""
+def headline_json(h: Headline) -> dict:
+    """A headline as a JSON-ready dict, with its one-line text and the within-noise verdicts."""
+    d = asdict(h)
+    d["setting"] = h.setting
+    d["text"] = h.text()
+    for key, comp in h.comparisons.items():
+        d["comparisons"][key]["within_noise"] = comp.within_noise
+        d["comparisons"][key]["text"] = comp.text()
+    return json_ready(d)
+
+
+def to_json(counts: list[SweepCount], hs: list[Headline] | None = None) -> list[dict]:
+    """JSON-ready dicts (NaN -> None), one per dataset/site and setting (the sensitivity table), with the
+    within-noise verdict of each comparison. Each carries `headline`, the headline of its dataset/site
+    (the same object for every setting of it; `hs` default: `headlines(counts)` with the default rule),
+    and `chosen`, whether it is the headline's setting."""
+    hs = headlines(counts) if hs is None else hs
+    by_label = {h.label: headline_json(h) for h in hs}
+    chosen = {(h.label, tuple(sorted(h.sparsity.items()))) for h in hs if h.sparsity is not None}
     out = []
     for c in counts:
         d = asdict(c)
@@ -647,5 +882,13 @@ def to_json(counts: list[SweepCount]) -> list[dict]:
         for key, comp in c.comparisons.items():
             d["comparisons"][key]["within_noise"] = comp.within_noise
             d["comparisons"][key]["text"] = comp.text()
-        out.append(json_ready(d))
+        d = json_ready(d)
+        d["chosen"] = (c.label, tuple(sorted(_sparsity_of(c).items()))) in chosen
+        d["headline"] = by_label.get(c.label)
+        out.append(d)
     return out
+
+
+def headline_lines(hs: list[Headline]) -> list[str]:
+    """The text output's lead: one line per dataset/site."""
+    return [h.text() for h in hs]

@@ -344,16 +344,35 @@ def test_excess_over_the_matched_null_is_within_noise_without_sparse_structure(t
 # ---- the count command ---------------------------------------------------------------------------
 
 
-def test_count_command_prints_one_line_per_sweep_and_json(study_files, capsys):
+HEADLINE_KEYS = {"estimate", "uncertainty", "lower_bound", "sparsity", "rule", "reason", "excluded", "scores"}
+
+
+def test_count_command_leads_with_headlines_then_one_line_per_setting_and_json(study_files, capsys):
     import json
     from sparsefeat import cli
     assert cli.main(["count", *map(str, study_files), "--bootstrap", "20"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("headline")
+    heads = out[1:1 + len(study_files)]  # one headline per dataset/site, before the table
+    assert any(line.strip().startswith("sparse [toy]: 12±1 features") and "relu-l1 l1=0.1" in line
+               and "only setting" in line and "vs null +12±1" in line for line in heads)
+    assert any(line.strip().startswith("m/resid_3 [model]: 20±1") and "vs layer 0 +14±1" in line
+               and "vs random init +11±1" in line for line in heads)
+    table = out[out.index("sensitivity: every sparsity setting") + 1:]
     assert table[0].startswith("dataset/site") and len(table) == 2 + len(study_files)
     assert any(line.startswith("sparse ") and "12±1 (m=16)" in line and "+12±1" in line for line in table)
     assert cli.main(["count", *map(str, study_files), "--bootstrap", "20", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in rows] == ["sparse", "sparse-null", "gmm", "m/resid_0", "m/resid_3", "r/resid_3"]
+    for r in rows:
+        assert HEADLINE_KEYS <= set(r["headline"]) and r["headline"]["rule"]["name"] == "only setting"
+    toy, null, layer = rows[0]["headline"], rows[1]["headline"], rows[4]["headline"]
+    assert toy["estimate"] == 12 and toy["lower_bound"] == 12 and toy["reason"] is None and rows[0]["chosen"]
+    assert toy["sparsity"] == {"arch": "relu-l1", "name": "l1", "value": 0.1}
+    assert toy["comparisons"]["null"]["excess"] == 12 and toy["comparisons"]["null"]["within_noise"] is False
+    assert toy["comparisons"]["control gmm"]["excess"] == 12 - 5
+    assert null["estimate"] == 0 and null["excluded"] == [] and rows[1]["chosen"]
+    assert layer["comparisons"]["random init"]["excess"] == 20 - 9
 
 
 @pytest.mark.parametrize("make", ["text", "store", "missing"])
@@ -372,3 +391,108 @@ def test_count_options_are_validated_in_one_line(study_files, capsys):
     from sparsefeat import cli
     assert cli.main(["count", str(study_files[0]), "--match-floor", "1.5"]) == 2
     assert "match_floor must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---- the headline: one sparsity setting per dataset, chosen on held-out data ----------------------
+
+
+def test_knee_is_the_sparsest_setting_from_which_denser_ones_buy_little():
+    # (L0, FVU): too strong, good, too weak (a toy's shape: FVU jumps once the penalty kills features)
+    points = [(1.3, 0.49), (3.1, 0.10), (7.5, 0.06), (27.0, 0.02)]
+    chosen, gains, dominated = C.choose_setting(points, 0.1)
+    assert chosen == 1 and not dominated
+    assert gains[0] > 0.3 and gains[1] < 0.05 and gains[-1] == 0.0
+    assert C.choose_setting(points, 0.01)[0] == 3  # a stricter knee walks to the densest
+    # a setting beaten on both L0 and FVU is dominated, never chosen; order of input does not matter
+    chosen, _, dominated = C.choose_setting([(27.0, 0.02), (3.1, 0.10), (4.0, 0.2)], 0.1)
+    assert dominated == {2} and chosen == 1
+
+
+def test_collapsed_and_undertrained_settings_are_excluded_with_their_reason():
+    def sweep_of(value, fvus, dead=0, objectives=None):
+        rows = size_rows(objectives or [1.0 - 0.1 * i for i in range(len(fvus))])
+        for row, fvu in zip(rows, fvus):
+            row.test_fvu, row.l0, row.all_dead = fvu, 2.0 / value, dead
+        sat = C.find_saturation([r.size for r in rows], [10.0] * len(rows))
+        return C.SweepCount(label="x", results_path="x.h5", site="x", d=16, role="toy", arch="relu-l1",
+                            sparsity_name="l1", sparsity=value, expected=None, sizes=rows, saturation=sat,
+                            held_out=C.HeldOutStop(None, [], None, None),
+                            warnings=C.undertraining_warnings(rows) if objectives else [])
+    cfg = C.CountConfig()
+    assert C.collapse_reason(sweep_of(0.3, [0.5, 0.2, 0.1]), cfg) is None
+    assert C.collapse_reason(sweep_of(3.0, [0.5, 0.2, 0.1], dead=1), cfg).startswith("every latent dead at m=16")
+    assert C.collapse_reason(sweep_of(3.0, [1.0, 0.995, 1.0]), cfg).startswith("held-out FVU >= 0.99 at every size")
+    assert C.collapse_reason(sweep_of(1.0, [0.99, 0.5, 0.3]), cfg) is None  # only the smallest explains little
+    rising = sweep_of(1.0, [0.5, 0.4, 0.6], objectives=[0.5, 0.4, 0.6])
+    assert C.collapse_reason(rising, cfg).startswith("loss rises with size: undertrained: m=64")
+    (h,) = C.headlines([sweep_of(3.0, [1.0, 1.0, 1.0]), rising])
+    assert h.estimate is None and h.sparsity is None and h.reason == "every setting collapsed"
+    assert [e["sparsity"]["value"] for e in h.excluded] == [3.0, 1.0]
+    (h,) = C.headlines([sweep_of(0.3, [0.5, 0.2, 0.1]), sweep_of(3.0, [1.0, 1.0, 1.0])])
+    assert h.sparsity["value"] == 0.3 and h.estimate == 10 and h.rule["name"] == "held-out knee"
+    assert [s.status for s in h.scores] == ["chosen", "excluded"]
+
+
+THREE_SETTINGS = dict(l1=[0.03, 0.3, 1.0])  # too weak, good, too strong (x3-x10 apart; checked by MMCS below)
+
+
+@pytest.fixture(scope="module")
+def headline_study(tmp_path_factory):
+    """Real three-setting sweeps of two sparse toys, gmm, the square and the matched null of the larger
+    toy, counted once for the tests below (about a minute on two shared cores)."""
+    import torch
+
+    from sparsefeat.toys import write_toy
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("headline")
+    try:
+        stores = {
+            "sparse32": (write_toy("sparse", tmp / "sparse32.h5", n_samples=20_000, n_features=32, d=16,
+                                   mean_active=2.0, progress=False), [16, 32, 64, 128]),
+            "sparse64": (write_toy("sparse", tmp / "sparse64.h5", n_samples=20_000, n_features=64, d=32,
+                                   mean_active=2.0, progress=False), [32, 64, 128, 256]),
+            "gmm": (write_toy("gmm", tmp / "gmm.h5", n_samples=20_000, k=12, d=32, progress=False), [16, 32, 64, 128]),
+            "square": (write_toy("square", tmp / "square.h5", n_samples=20_000, d=32, progress=False),
+                       [16, 32, 64, 128]),
+        }
+        stores["null"] = (write_toy("matched", tmp / "null.h5", n_samples=20_000, source=str(stores["sparse64"][0]),
+                                    progress=False), [16, 32, 64, 128])
+        files = [sweep(path, tmp / f"sweep-{name}.h5", sizes, label=name, **THREE_SETTINGS)
+                 for name, (path, sizes) in stores.items()]
+    finally:
+        torch.set_num_threads(before)
+    study = C.count_study(files, C.CountConfig(bootstrap=100))
+    return {h.label: h for h in study.headlines}, study
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,n", [("sparse32", 32), ("sparse64", 64)])
+def test_headline_is_within_ten_percent_of_n_and_never_the_too_strong_setting(headline_study, name, n):
+    heads, study = headline_study
+    h = heads[name]
+    by_value = {c.sparsity: c for c in study.sweeps if c.label == name}
+    best_gt = {v: max(s.mmcs_gt for s in c.sizes) for v, c in by_value.items()}
+    assert best_gt[0.3] > 0.98 and best_gt[0.03] < 0.95  # which is good and which too weak, by ground truth
+    assert h.rule["name"] == "held-out knee" and h.reason is None
+    assert h.estimate == pytest.approx(n, rel=0.1), [C.size_table(c) for c in by_value.values()]
+    assert h.sparsity == {"arch": "relu-l1", "name": "l1", "value": 0.3}
+    assert h.sparsity["value"] != max(by_value)  # never the strongest penalty
+    if name == "sparse64":  # here l1=1 is too strong by ground truth, and counts far too few
+        assert best_gt[1.0] < 0.95 and by_value[1.0].saturation.estimate < 0.8 * n
+        assert h.comparisons["null"].against == "null" and h.comparisons["null"].within_noise is False
+
+
+@pytest.mark.slow
+def test_headlines_of_the_controls_stay_low(headline_study):
+    heads, _ = headline_study
+    assert heads["gmm"].estimate == pytest.approx(12, abs=1)  # the 12 means
+    assert heads["null"].estimate is not None and heads["null"].estimate <= 3
+    # the square: the honest count is 4, the two axes in both signs (a ReLU latent is one-sided);
+    # only settings that collapse count fewer, and those are excluded
+    assert heads["square"].estimate is not None and heads["square"].estimate <= 4
+    assert {e["sparsity"]["value"] for e in heads["square"].excluded} >= {1.0}
+    assert all("every latent dead" in e["why"] or "FVU" in e["why"] or "rises" in e["why"]
+               for h in heads.values() for e in h.excluded)
+    for h in heads.values():  # no headline rests on a member whose latents are all dead
+        assert h.sparsity is None or h.sparsity["value"] not in {e["sparsity"]["value"] for e in h.excluded}
