@@ -48,6 +48,9 @@ class CountConfig:
         "help": "lowest decoder cosine at which latents of two seeds are the same direction"})
     merge_floor: float = field(default=0.8, metadata={
         "help": "lowest decoder cosine at which two latents of one dictionary are one split direction"})
+    merge_opposite: bool = field(default=True, metadata={
+        "help": "count a latent and its opposite (cosine <= -floor) as one direction: a pair of ReLU latents "
+                "firing on the two sides of one axis encodes one signed variable, not two sparse features"})
     random_quantile: float = field(default=0.99, metadata={
         "help": "quantile of the best cosine between random atoms that the match threshold must exceed"})
     alive_frequency: float = field(default=0.0, metadata={
@@ -123,8 +126,10 @@ def merge_threshold(d: int, m: int, config: CountConfig) -> float:
     return max(config.merge_floor, random_match_threshold(d, max(m, 1), config.random_quantile))
 
 
-def distinct_directions(decoder: np.ndarray, threshold: float, frequency: np.ndarray | None = None) -> np.ndarray:
-    """Indices of representative atoms after merging near-duplicates (cos >= threshold).
+def distinct_directions(decoder: np.ndarray, threshold: float, frequency: np.ndarray | None = None,
+                        opposite: bool = False) -> np.ndarray:
+    """Indices of representative atoms after merging near-duplicates (cos >= threshold; with
+    `opposite`, |cos| >= threshold, so an atom and its negative are one direction).
 
     Greedy in order of falling frequency: an atom joins the first representative it is that close to,
     else it becomes one. Returns the representatives' row indices.
@@ -135,31 +140,43 @@ def distinct_directions(decoder: np.ndarray, threshold: float, frequency: np.nda
     order = np.argsort(-frequency, kind="stable") if frequency is not None else np.arange(dec.shape[0])
     reps: list[int] = []
     for i in order:
-        if reps and (dec[reps] @ dec[i]).max() >= threshold:
+        if reps and _similarity(dec[reps] @ dec[i], opposite).max() >= threshold:
             continue
         reps.append(int(i))
     return np.array(reps, dtype=int)
 
 
-def reproduced_pairs(a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
-    """Rows of `a` matched one-to-one (Hungarian on cosine) to rows of `b` with cosine >= threshold."""
+def _similarity(cos: np.ndarray, opposite: bool) -> np.ndarray:
+    return np.abs(cos) if opposite else cos
+
+
+def reproduced_pairs(a: np.ndarray, b: np.ndarray, threshold: float, opposite: bool = False) -> np.ndarray:
+    """Rows of `a` matched one-to-one (Hungarian on cosine, or on |cosine| with `opposite`) to rows of
+    `b` with (absolute) cosine >= threshold."""
     if a.shape[0] == 0 or b.shape[0] == 0:
         return np.zeros(0, dtype=int)
-    pairs, cos = hungarian_match(a, b)
-    return pairs[cos >= threshold, 0]
+    if not opposite:
+        pairs, cos = hungarian_match(a, b)
+        return pairs[cos >= threshold, 0]
+    from scipy.optimize import linear_sum_assignment
+    score = np.abs(_unit_rows(a) @ _unit_rows(b).T)
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    return rows[score[rows, cols] >= threshold]
 
 
 def reproduced_directions(dec_a: np.ndarray, dec_b: np.ndarray, threshold: float,
                           freq_a: np.ndarray | None = None, freq_b: np.ndarray | None = None,
-                          alive_frequency: float = 0.0, merge: float | None = None) -> int:
+                          alive_frequency: float = 0.0, merge: float | None = None,
+                          opposite: bool = False) -> int:
     """Distinct alive directions of dictionary a that dictionary b reproduces (steps 1-3 of the rule):
-    atoms within `merge` (default: `threshold`) of each other are merged, then matched at `threshold`."""
+    atoms within `merge` (default: `threshold`) of each other are merged, then matched at `threshold`;
+    with `opposite`, an atom and its negative count as one direction at both steps."""
     merge = threshold if merge is None else merge
     a, fa = _alive(dec_a, freq_a, alive_frequency)
     b, fb = _alive(dec_b, freq_b, alive_frequency)
-    ra = distinct_directions(a, merge, fa)
-    rb = distinct_directions(b, merge, fb)
-    return int(reproduced_pairs(a[ra], b[rb], threshold).shape[0])
+    ra = distinct_directions(a, merge, fa, opposite)
+    rb = distinct_directions(b, merge, fb, opposite)
+    return int(reproduced_pairs(a[ra], b[rb], threshold, opposite).shape[0])
 
 
 def _alive(dec: np.ndarray, freq: np.ndarray | None, alive_frequency: float):
@@ -486,7 +503,7 @@ def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
     pairs = list(itertools.combinations(members, 2))[:config.max_seed_pairs]
     found = [reproduced_directions(r.decoder(a.id), r.decoder(b.id), tau,
                                    r.feature_frequency(a.id, "test"), r.feature_frequency(b.id, "test"),
-                                   config.alive_frequency, merge) for a, b in pairs]
+                                   config.alive_frequency, merge, config.merge_opposite) for a, b in pairs]
     return SizeRow(size=size, seeds=len(members), train_mse=mean("train", "mse"), test_mse=mean("test", "mse"),
                    train_fvu=mean("train", "fvu"), test_fvu=mean("test", "fvu"),
                    train_objective=mean("train", "loss"),

@@ -488,11 +488,25 @@ def test_headlines_of_the_controls_stay_low(headline_study):
     heads, _ = headline_study
     assert heads["gmm"].estimate == pytest.approx(12, abs=1)  # the 12 means
     assert heads["null"].estimate is not None and heads["null"].estimate <= 3
-    # the square: the honest count is 4, the two axes in both signs (a ReLU latent is one-sided);
-    # only settings that collapse count fewer, and those are excluded
-    assert heads["square"].estimate is not None and heads["square"].estimate <= 4
+    # the square: its reproduced atoms are its two axes in both signs (a ReLU latent is one-sided);
+    # an atom and its opposite are one direction, so at most the two axes (and one stray tile) remain
+    assert heads["square"].estimate is not None and heads["square"].estimate <= 3
     assert {e["sparsity"]["value"] for e in heads["square"].excluded} >= {1.0}
     assert all("every latent dead" in e["why"] or "FVU" in e["why"] or "rises" in e["why"]
                for h in heads.values() for e in h.excluded)
     for h in heads.values():  # no headline rests on a member whose latents are all dead
         assert h.sparsity is None or h.sparsity["value"] not in {e["sparsity"]["value"] for e in h.excluded}
+
+
+def test_an_atom_and_its_opposite_are_one_direction_only_when_asked():
+    """A pair of ReLU latents firing on the two sides of one axis (cos = -1) is one signed variable."""
+    rng = np.random.default_rng(0)
+    axes = np.linalg.qr(rng.normal(size=(16, 3)))[0].T  # three orthonormal directions in 16 dims
+    dec_a = np.concatenate([axes, -axes[:2]])             # +e1, +e2, +e3, -e1, -e2
+    dec_b = np.concatenate([-axes, axes[2:]])             # the other seed found the other signs first
+    assert len(C.distinct_directions(dec_a, 0.9)) == 5
+    assert len(C.distinct_directions(dec_a, 0.9, opposite=True)) == 3
+    assert C.reproduced_directions(dec_a, dec_b, 0.9) == 3     # +e3 and -e1, -e2 match by sign
+    assert C.reproduced_directions(dec_a, dec_b, 0.9, opposite=True) == 3
+    assert len(C.reproduced_pairs(axes, -axes, 0.9)) == 0
+    assert len(C.reproduced_pairs(axes, -axes, 0.9, opposite=True)) == 3
