@@ -24,6 +24,12 @@ y*_k = y_k · mean(resampled errors_k) / mean(errors_k). Without row errors, log
 the fit are resampled (scaled by sqrt(K / (K − 3)) for the three fitted parameters), which needs at
 least 4 sizes. A power law is not evidence of features: a Gaussian's curve falls as one too. Compare
 the fit with that of the matched null (`compare_fits`).
+
+What the intervals do not cover: row bootstraps measure each point's evaluation noise, not how well
+each size trained, so a curve that zigzags with optimisation noise gets tight, wrong intervals. The
+fit says so in `warnings` when its log residuals exceed LACK_OF_FIT times the row noise, and when
+b ≥ STEP_EXPONENT (a drop in one step, then flat: no power law). On small toy sweeps (d = 32,
+sizes 4..128, 3000 steps) most curves drew one of these warnings.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class CurveFit:
     values: list[float] = field(default_factory=list)
     fitted: list[float] = field(default_factory=list)  # the fit at each size
     interval_method: str | None = None  # "rows", "documents", "residuals" or None
+    residual_rms: float | None = None  # RMS of log(y) − log(fit): how far the curve is from the model
+    warnings: list[str] = field(default_factory=list)  # reasons to distrust an existing fit
     confidence: float = 0.95
     n_boot: int = 0  # replicates that gave a fit
     samples: np.ndarray | None = field(default=None, repr=False)  # [n_boot, 3]: b, c, a per replicate
@@ -89,7 +97,8 @@ class CurveFit:
             ok=self.ok, reason=self.reason, model="a * m^-b + c", exponent=est(self.exponent),
             floor=est(self.floor), amplitude=est(self.amplitude), size_within_5pct=est(self.size_within_5pct),
             sizes=self.sizes, values=self.values, fitted=self.fitted, interval_method=self.interval_method,
-            confidence=self.confidence, n_boot=self.n_boot))
+            residual_rms=self.residual_rms, warnings=self.warnings, confidence=self.confidence,
+            n_boot=self.n_boot))
 
 
 def _no_fit(reason: str, sizes=(), values=()) -> CurveFit:
@@ -294,13 +303,35 @@ def fit_loss_curve(sizes: Sequence[float], values: Sequence[float] | None = None
             return Estimate(value)
         return Estimate(value, *_interval(column, confidence))
 
+    warnings = _warnings(b, logy, fitted_log, curves if method in ("rows", "documents") else None)
     m5 = None if c == 0 else size_within_floor(a, b, c)
     m5_samples = np.array([size_within_floor(sa, sb, sc) for sb, sc, sa in samples])
     return CurveFit(ok=True, reason=note, exponent=estimate(b, samples[:, 0]), floor=estimate(c, samples[:, 1]),
                     amplitude=estimate(a, samples[:, 2]), size_within_5pct=estimate(m5, m5_samples),
                     sizes=[int(v) if float(v).is_integer() else float(v) for v in m], values=y.tolist(),
                     fitted=np.exp(fitted_log).tolist(), interval_method=method if samples.shape[0] else None,
+                    residual_rms=float(np.sqrt(np.mean((logy - fitted_log) ** 2))), warnings=warnings,
                     confidence=confidence, n_boot=int(samples.shape[0]), samples=samples)
+
+
+LACK_OF_FIT = 3.0  # residuals this many times the row noise: the curve is not a·m^-b + c
+STEP_EXPONENT = 5.0  # each doubling of m cuts the excess over the floor 32-fold: a step, not a power law
+
+
+def _warnings(b: float, logy: np.ndarray, fitted_log: np.ndarray, row_curves: np.ndarray | None) -> list[str]:
+    """What makes a fit's intervals too narrow to trust. Row bootstraps measure the evaluation
+    noise of each point only, not how well training converged: a curve that zigzags with
+    optimisation noise, or drops in one step and stays flat, gets a tight but meaningless interval."""
+    out = []
+    if b >= STEP_EXPONENT:
+        out.append(f"exponent {b:.3g}: the curve drops in one step and stays flat, not as a power law")
+    if row_curves is not None and row_curves.shape[0] > 1 and np.all(row_curves > 0):
+        noise = float(np.median(np.std(np.log(row_curves), axis=0)))
+        worst = float(np.max(np.abs(logy - fitted_log)))
+        if worst > LACK_OF_FIT * max(noise, 1e-12):
+            out.append(f"the curve departs from the fit by up to {worst:.1%} (log), {worst / max(noise, 1e-12):.0f}x "
+                       "its row noise: training noise or another shape; the intervals cover row noise only")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,12 +352,18 @@ class FitComparison:
     floor_difference: Estimate | None = None  # c_data − c_null
     reason: str | None = None
 
+    @property
+    def warnings(self) -> list[str]:
+        """Either side's warnings, named by side: they bear on the difference too."""
+        return [f"data: {w}" for w in self.data.warnings] + [f"null: {w}" for w in self.null.warnings]
+
     def to_json(self) -> dict:
         def est(e):
             return None if e is None else e.to_json()
         return json_ready(dict(data=self.data.to_json(), null=self.null.to_json(),
                                exponent_difference=est(self.exponent_difference),
-                               floor_difference=est(self.floor_difference), reason=self.reason))
+                               floor_difference=est(self.floor_difference), reason=self.reason,
+                               warnings=self.warnings))
 
 
 def compare_fits(data: CurveFit, null: CurveFit, confidence: float = 0.95) -> FitComparison:

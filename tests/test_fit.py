@@ -31,6 +31,7 @@ def strict_json(fit) -> dict:
 def test_recovers_known_parameters_from_row_errors_within_its_intervals(a, b, c):
     fit = fit_loss_curve(SIZES, row_errors=row_errors(a, b, c), n_boot=200, seed=1)
     assert fit.ok and fit.reason is None and fit.interval_method == "rows" and fit.n_boot == 200
+    assert fit.warnings == [] and fit.residual_rms < 0.05  # a power law within its row noise
     assert fit.exponent.contains(b), fit.exponent
     assert fit.floor.contains(c), fit.floor
     assert fit.amplitude.contains(a), fit.amplitude
@@ -73,6 +74,20 @@ def test_interval_coverage_is_near_its_nominal_level():
     resid = [fit_loss_curve(m, (a * m ** -b + c) * np.exp(np.random.default_rng(s).normal(0, 0.01, m.shape)),
                             n_boot=100, seed=s) for s in range(12)]
     assert sum(f.exponent.contains(b) for f in resid) >= 8
+
+
+def test_curves_that_are_not_power_laws_within_their_noise_are_flagged():
+    errors = row_errors(1.0, 0.6, 0.2)
+    zigzag = [e * (1.15 if k % 2 else 1.0) for k, e in enumerate(errors)]  # optimisation noise, not rows
+    fit = fit_loss_curve(SIZES, row_errors=zigzag, n_boot=50)
+    assert fit.ok and any("departs from the fit" in w for w in fit.warnings)
+    rng = np.random.default_rng(0)
+    step = [(0.5 if m == SIZES[0] else 0.05) * rng.exponential(size=2000) for m in SIZES]  # one drop, then flat
+    fit = fit_loss_curve(SIZES, row_errors=step, n_boot=50)
+    assert fit.ok and any("drops in one step" in w for w in fit.warnings)
+    assert strict_json(fit)["warnings"] == fit.warnings
+    cmp = compare_fits(fit, fit_loss_curve(SIZES, row_errors=errors, n_boot=50))
+    assert cmp.warnings and all(w.startswith("data: ") for w in cmp.warnings)
 
 
 def test_whole_documents_are_resampled_when_rows_are_grouped():
