@@ -338,7 +338,7 @@ class HarvestCommand(Command):
         p.add_argument("--out", type=Path, required=True, help="the store to write")
         # A corpus is a list of paths: space-separated (paths may hold commas), not comma-separated.
         p.add_argument("--corpus", nargs="+", metavar="PATH", default=argparse.SUPPRESS,
-                       help=HarvestConfig.__dataclass_fields__["corpus"].metadata["help"] + " (default: pydoc)")
+                       help=HarvestConfig.__dataclass_fields__["corpus"].metadata["help"] + " (default: pydoc stdlib)")
         add_config_args(p, HarvestConfig, skip=("corpus",), group="harvest options")
         p.add_argument("--resume", action="store_true", help="continue a killed harvest (same arguments)")
         p.add_argument("--force", action="store_true", help="overwrite an existing store")

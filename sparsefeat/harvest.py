@@ -16,9 +16,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
-import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .corpus import (CORPORA, DEFAULT_SOURCES, Corpus, HarvestError, _file_documents,  # noqa: F401
+                     _jsonl_documents, _paragraphs, _read_text, default_corpus, load_corpus, stdlib_corpus)
 from .device import resolve_device
 from .errors import SparsefeatError
 from .store import StoreWriter, split_documents
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 FLOAT16_MAX = 65504.0
-
-
-class HarvestError(SparsefeatError):
-    """A model, corpus or option that a harvest cannot use."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,9 +49,10 @@ class HarvestConfig:
     model: str = field(default="minilm", metadata={
         "help": "model: a local folder, a hub name already in the offline Hugging Face cache, or a "
                 "built-in name ('minilm' = the shipped all-MiniLM-L6-v2)"})
-    corpus: list[str] = field(default_factory=lambda: ["pydoc"], metadata={
-        "help": "corpus sources: .txt files, .jsonl files, folders of them, or a built-in name "
-                "('pydoc' = the Python docs text shipped with CPython)"})
+    corpus: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES), metadata={
+        "help": "corpus sources: .txt files, .jsonl files, folders of them, or built-in names "
+                "('pydoc' = the Python docs text shipped with CPython, 'stdlib' = the standard "
+                "library's docstrings)"})
     layers: list[int] | None = field(default=None, metadata={
         "help": "hidden states to store as sites resid_L, e.g. 0,3,6 (0 = embedding output; None = all)"})
     module: str | None = field(default=None, metadata={
@@ -263,136 +260,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Corpus:
-    """Documents in a fixed order; `origins[i]` says where document i came from (file:line etc.)."""
-
-    documents: list[str]
-    origins: list[str]
-    sources: list[str]
-
-    def __len__(self) -> int:
-        return len(self.documents)
-
-    def sha256(self) -> str:
-        """sha256 over the documents in order, each as its UTF-8 length (8 bytes, LE) then its bytes."""
-        h = hashlib.sha256()
-        for doc in self.documents:
-            b = doc.encode("utf-8")
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-        return h.hexdigest()
-
-
-PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
-
-
-def _paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in PARAGRAPH_BREAK.split(text) if p.strip()]
-
-
-def default_corpus(min_chars: int = 600) -> Corpus:
-    """The Python documentation text in `pydoc_data.topics` (in every CPython), as paragraph-sized
-    documents: topics in name order, consecutive paragraphs of a topic joined until a document holds
-    at least `min_chars` characters (single paragraphs there are mostly one line or a code sample)."""
-    from pydoc_data.topics import topics
-
-    docs, origins = [], []
-    for key in sorted(topics):
-        pending: list[str] = []
-        for para in _paragraphs(topics[key]):
-            pending.append(para)
-            if sum(len(p) for p in pending) >= min_chars:
-                docs.append("\n\n".join(pending))
-                origins.append(f"pydoc:{key}#{len(docs)}")
-                pending = []
-        if pending:
-            docs.append("\n\n".join(pending))
-            origins.append(f"pydoc:{key}#{len(docs)}")
-    return Corpus(docs, origins, ["pydoc"])
-
-
-# Built-in corpora by name; a name here wins over a file of the same name (use ./NAME for the file).
-CORPORA: dict[str, Callable[[], Corpus]] = {"pydoc": default_corpus}
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HarvestError(f"{path}: no such file") from None
-    except PermissionError:
-        raise HarvestError(f"{path}: cannot read the corpus file (permission denied)") from None
-    except UnicodeDecodeError as e:
-        raise HarvestError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    except OSError as e:
-        raise HarvestError(f"{path}: cannot read the corpus file ({e.strerror or _first_line(e)})") from None
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HarvestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise HarvestError(f"{path}:{lineno}: no {text_field!r} field (choose one with --text-field)")
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise HarvestError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not text")
-        if text.strip():
-            yield text.strip(), f"{path}:{lineno}"
-
-
-def _file_documents(path: Path, paragraphs: bool, text_field: str) -> Iterator[tuple[str, str]]:
-    if path.suffix == ".jsonl":
-        yield from _jsonl_documents(path, text_field)
-    elif paragraphs:
-        for i, para in enumerate(_paragraphs(_read_text(path))):
-            yield para, f"{path}#{i}"
-    else:
-        text = _read_text(path).strip()
-        if text:
-            yield text, str(path)
-
-
-def load_corpus(sources: Sequence[str | os.PathLike] = ("pydoc",), *, paragraphs: bool = False,
-                text_field: str = "text") -> Corpus:
-    """Documents from built-in corpora, files and folders, in the order given.
-
-    A `.jsonl` file gives one document per line (its `text_field`); any other file is UTF-8 text,
-    one document per file, or one per blank-line-separated paragraph with `paragraphs=True`.
-    A folder contributes its .txt and .jsonl files (recursively, in sorted path order).
-    Blank documents are dropped; leading and trailing whitespace is stripped.
-    """
-    if not sources:
-        raise HarvestError("no corpus given")
-    docs, origins = [], []
-    for src in sources:
-        src = str(src)
-        if src in CORPORA:
-            part = CORPORA[src]()
-            docs += part.documents
-            origins += part.origins
-            continue
-        path = Path(src).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
-            if not files:
-                raise HarvestError(f"{path}: the folder holds no .txt or .jsonl files")
-        elif path.exists():
-            files = [path]
-        else:
-            raise HarvestError(f"{src}: no such corpus file or folder (built-in corpora: {', '.join(CORPORA)})")
-        for file in files:
-            for text, origin in _file_documents(file, paragraphs, text_field):
-                docs.append(text)
-                origins.append(origin)
-    if not docs:
-        raise HarvestError(f"{', '.join(map(str, sources))}: the corpus is empty (no non-blank documents)")
-    return Corpus(docs, origins, [str(s) for s in sources])
+# The corpus readers live in corpus.py; harvest keeps their names importable from here.
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,6 +474,8 @@ def _provenance(config: HarvestConfig, loaded: LoadedModel, corpus: Corpus, laye
         corpus=corpus.sources,
         corpus_sha256=corpus.sha256(),
         corpus_documents=len(corpus),
+        corpus_characters=sum(map(len, corpus.documents)),
+        corpus_python=corpus.describe()["python"],  # built-in corpora differ between Python versions
         layers=layers,
         module=config.module,
         sites={**{f"resid_{L}": f"hidden_states[{L}]" + (" (embedding output)" if L == 0 else "")

@@ -545,3 +545,77 @@ def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_S
             bar.update(hi - lo - skip)
         return writer.close(ground_truth=toy.ground_truth(),
                             attrs=dict(generator=kind, scale_factor=float(toy.factor)))
+
+
+# --------------------------------------------------------------------------------------------
+# circle / sphere: smooth manifolds that SAEs tile (Michaud et al. 2025)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CircleParams:
+    frame: ClassVar[int] = 2  # dimension of the embedding frame (the circle lies in a plane)
+    d: int = field(default=256, metadata={"help": "width of the data"})
+    noise: float = field(default=0.05, metadata={
+        "help": "isotropic Gaussian noise: its RMS norm as a fraction of the radius"})
+    scale: float | None = field(default=None, metadata={
+        "help": "target mean squared norm E|x|^2, i.e. radius^2 (1 + noise^2) (None: radius 1)"})
+
+    def __post_init__(self):
+        _positive("d", self.d)
+        if self.d < self.frame:
+            raise SparsefeatError(f"d ({self.d}) must be at least {self.frame} for this manifold")
+        _positive("noise", self.noise, allow_zero=True)
+        _positive("scale", self.scale)
+
+
+@dataclass
+class SphereParams(CircleParams):
+    frame: ClassVar[int] = 3  # the 2-sphere spans a 3-frame
+
+
+class Circle(Toy):
+    """Points spread uniformly on a circle, embedded in d dims with small noise (a manifold control).
+
+    x = r · u B + ε with u uniform on the unit circle, B [2, d] a random orthonormal 2-frame, and
+    ε ~ N(0, (noise² r² / d) I) (noise = RMS norm of ε as a share of the radius r). `scale` sets
+    E‖x‖² = r² (1 + noise²), so r = sqrt(scale / (1 + noise²)); without scale r = 1. There is no
+    finite set of features: an SAE tiles the circle with as many latents as it is given (Michaud et
+    al. 2025), so a count must not report the tiles as features. Ground truth: `embedding` r · B,
+    whose rows span the plane and have the radius as norm."""
+
+    name = "circle"
+    Params = CircleParams
+
+    def setup(self, rng):
+        self.basis = _random_orthonormal_rows(self.params.frame, self.params.d, rng)
+
+    def _directions(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        theta = rng.random(n) * (2 * math.pi)
+        return np.stack([np.cos(theta), np.sin(theta)], axis=1)
+
+    def draw(self, n, rng):
+        p = self.params
+        x = self._directions(n, rng) @ self.basis
+        if p.noise:
+            x += rng.standard_normal(x.shape) * (p.noise / math.sqrt(p.d))
+        return x.astype(np.float32)
+
+    def natural_mean_squared_norm(self):
+        return 1.0 + self.params.noise ** 2
+
+    def ground_truth(self):
+        return {"embedding": self.basis * self.factor}
+
+
+class Sphere(Circle):
+    """Points spread uniformly on the 2-sphere, embedded in d dims with small noise (a manifold control).
+
+    As `circle`, with u uniform on the unit sphere in a random orthonormal 3-frame B [3, d]."""
+
+    name = "sphere"
+    Params = SphereParams
+
+    def _directions(self, n, rng):
+        g = rng.standard_normal((n, 3))
+        return g / np.linalg.norm(g, axis=1, keepdims=True)

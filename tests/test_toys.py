@@ -23,7 +23,7 @@ def rows_of(path: Path, split: str = "all") -> np.ndarray:
 
 
 def test_every_generator_is_registered_deterministic_and_records_provenance(tmp_path):
-    assert set(TOYS) == {"sparse", "gmm", "square", "hypercube", "gaussian", "matched"}
+    assert set(TOYS) == {"sparse", "gmm", "square", "hypercube", "gaussian", "matched", "circle", "sphere"}
     for kind, params in SMALL.items():
         a = write_toy(kind, tmp_path / f"{kind}-a.h5", n_samples=700, seed=3, block_rows=256, progress=False, **params)
         b = write_toy(kind, tmp_path / f"{kind}-b.h5", n_samples=700, seed=3, block_rows=256, progress=False, **params)
