@@ -19,10 +19,12 @@ Flow of `train_sweep`:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
 import math
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .device import resolve_device
 from .errors import SparsefeatError
+from .files import atomic_path
 from .results import SIGNAL_KEYS, Member, MemberArrays, Results, ResultsError, write_results
 from .sae import ARCHITECTURES, SAE, SAEOptions, architecture, pre_bias
 from .store import ActivationStore, to_json
@@ -221,6 +224,7 @@ def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | o
         raise ResultsError(f"{out}: cannot create its folder ({e.strerror})") from None
     if not os.access(out.parent, os.W_OK):
         raise ResultsError(f"{out}: its folder is not writable")
+    remove_stale_temporaries(out)
     with ActivationStore(store_path) as store:
         sweep = Sweep(store, config, out, progress=progress)
         sweep.start(resume=resume, force=force)
@@ -230,6 +234,14 @@ def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | o
 
 def checkpoint_path(out: str | os.PathLike) -> Path:
     return Path(str(out) + ".ckpt")
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the half-written temporaries a killed run left beside its results and checkpoint (they
+    are never read: the checkpoint and results are complete files or absent)."""
+    for target in (out, checkpoint_path(out)):
+        for stale in [*target.parent.glob(f".{glob.escape(target.name)}.tmp-*"), Path(str(target) + ".tmp")]:
+            stale.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,20 +351,23 @@ class Sweep:
         return cfg
 
     def _save_checkpoint(self) -> None:
+        # Only tensors and plain Python values: `torch.load(weights_only=True)` refuses anything else
+        # (a NumPy float64 in the test curve once made every default run unresumable).
+        curves = {sid: {k: torch.tensor(v, dtype=torch.float64).reshape(-1, 2) for k, v in c.items()}
+                  for sid, c in self.curves.items()}
         state = dict(version=CHECKPOINT_VERSION, config=self._checkpoint_config(), store_hash=self.store_hash,
-                     step=self.step, scale=self.scale, bias=self.bias.cpu(), curves=self.curves,
+                     step=self.step, scale=float(self.scale), bias=self.bias.cpu(), curves=curves,
                      stacks=[{k: _to_cpu(v) for k, v in st.state_dict().items()} for st in self.stacks],
                      optimizer=self.optimizer.state_dict())
-        tmp = Path(str(self.ckpt) + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt)
+        with atomic_path(self.ckpt, resumable=True) as tmp:
+            torch.save(state, tmp)
         self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> dict:
         try:
             state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise TrainingError(f"{self.ckpt}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
+            raise TrainingError(f"{self.ckpt}: unreadable checkpoint ({one_line(e)}); "
                                 "delete it or pass --force to start again") from None
         if state.get("version") != CHECKPOINT_VERSION:
             raise TrainingError(f"{self.ckpt}: checkpoint version {state.get('version')} is not supported")
@@ -372,7 +387,8 @@ class Sweep:
             st.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = self.checkpoint_step = int(state["step"])
-        self.curves = state["curves"]
+        self.curves = {sid: {k: [[float(a), float(b)] for a, b in v.tolist()] for k, v in c.items()}
+                       for sid, c in state["curves"].items()}
 
     # -- training --------------------------------------------------------------------------------
 
@@ -407,8 +423,8 @@ class Sweep:
                     pending = []
                 if self.step in self.curve_steps:
                     self._test_curve_point()
-                if checkpoint_now and self.step < self.total_steps:
-                    self._save_checkpoint()
+                if checkpoint_now or (cfg.checkpoint_every and self.step == self.total_steps):
+                    self._save_checkpoint()  # the last one spares the training if the final write is killed
         finally:
             bar.close()
 
@@ -585,6 +601,15 @@ def _adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # torch < 2.4 has no fused Adam on CPU
         return torch.optim.Adam(params, lr=lr)
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, without terminal colour codes (torch adds them)."""
+    text = ANSI_ESCAPE.sub("", str(e)).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def _to_cpu(v):

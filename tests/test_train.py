@@ -240,6 +240,83 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(small_store, tmp_pa
         assert_same_member(whole, resumed, ma, mb)
 
 
+# A sweep with every default setting (test-curve points at steps 600, 1200, ..., checkpoints every 1000
+# steps of 3000), killed at one point and resumed. Each hook makes the child SIGKILL itself at an exact
+# place, so the test is deterministic; "after-first-checkpoint" is killed from outside instead.
+DEFAULT_RUN = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+import sparsefeat.train as T, sparsefeat.results as R
+from sparsefeat.train import SweepConfig, train_sweep
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+{hook}
+train_sweep(sys.argv[1], SweepConfig(), sys.argv[2], resume=True, progress=False)
+"""
+
+KILL_HOOKS = {
+    # mid-training, past a test-curve point and a checkpoint (the run that issue 8 could not resume)
+    "training-step-1737": """
+step_on = T.Sweep.step_on
+def hooked(self, batch):
+    if self.step == 1737:
+        die()
+    return step_on(self, batch)
+T.Sweep.step_on = hooked
+""",
+    # half-way through writing the second checkpoint: the first must survive and be used
+    "checkpoint-write": """
+save, calls = torch.save, []
+def hooked(obj, f, *a, **kw):
+    calls.append(1)
+    save(obj, f, *a, **kw)
+    if len(calls) == 2:
+        os.truncate(f, os.path.getsize(f) // 2)
+        die()
+torch.save = hooked
+""",
+    # while the results file is being written (third member): training must not be lost
+    "results-write": """
+write_member, calls = R._write_member, []
+def hooked(*a, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+        die()
+    return write_member(*a, **kw)
+R._write_member = hooked
+""",
+    "after-first-checkpoint": "",
+}
+
+
+@pytest.fixture(scope="module")
+def default_store(tmp_path_factory):
+    return write_toy("sparse", tmp_path_factory.mktemp("default") / "toy.h5", n_samples=3000, seed=5,
+                     n_features=16, d=8, mean_active=2.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def default_sweep(default_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default-sweep") / "whole.h5"
+    return load_results(train_sweep(default_store, SweepConfig(), out, progress=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_HOOKS))
+def test_default_sweep_killed_anywhere_resumes_to_the_uninterrupted_result(default_store, default_sweep, tmp_path,
+                                                                           point, kill_when):
+    out, ckpt = tmp_path / "killed.h5", checkpoint_path(tmp_path / "killed.h5")
+    ready = (lambda: ckpt.exists()) if point == "after-first-checkpoint" else None
+    kill_when(DEFAULT_RUN.format(hook=KILL_HOOKS[point]), ready, args=(default_store, out))
+    assert not out.exists(), "the run finished before it was killed"
+    state = torch.load(ckpt, weights_only=True)  # what the resume will read: plain tensors and values only
+    assert state["step"] >= 1000 and len(state["curves"][default_sweep.members[0].id]["test"]) >= 1
+    resumed = load_results(train_sweep(default_store, SweepConfig(), out, resume=True, progress=False))
+    for ma, mb in zip(default_sweep.members, resumed.members):
+        assert_same_member(default_sweep, resumed, ma, mb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5"]  # no checkpoint, lock or temporary left
+
+
 # ---- bad input: a clear one-line error and nothing lost ---------------------------------------------
 
 
