@@ -17,12 +17,14 @@ Layout (documented in full in docs/format.md, section "Results file (sweep.h5)")
     ground_truth/features   [n, d] toy stores only: a copy of the store's ground-truth features
     summary                 compound dataset: one row per member and split
 
-The file is written once, at the end of a sweep, to `<path>.tmp` and renamed, so a reader never
-sees half a file; an existing file is replaced only with `force`.
+The file is written once, at the end of a sweep, through `files.atomic_path` (a hidden temporary file
+renamed when complete), so a reader never sees half a file; an existing file is replaced only with
+`force`. Damaged weights (NaN, wrong shape) and members without metrics are one-line `ResultsError`s.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -35,6 +37,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SparsefeatError
+from .files import atomic_path, check_free_space
 from .store import _check_format, _open_h5, to_json
 
 FORMAT = "sparsefeat.results"
@@ -107,12 +110,15 @@ class Results:
                            f"{', ...' if len(self.members) > 6 else ''})")
 
     def _array(self, member_id: str, name: str) -> np.ndarray:
-        self.member(member_id)  # a clear error for an unknown id
+        m = self.member(member_id)  # a clear error for an unknown id
         with _open_h5(self.path, "r") as f:
             key = f"members/{member_id}/{name}"
             if key not in f:
                 raise ResultsError(f"{self.path}: member {member_id!r} has no {name!r}")
-            return f[key][()]
+            a = f[key][()]
+        if name in WEIGHT_SHAPES:
+            check_weight(self.path, m, name, a, self.d)
+        return a
 
     def decoder(self, member_id: str) -> np.ndarray:
         """[m, d]: one unit-norm dictionary atom per row (normalised units)."""
@@ -144,6 +150,19 @@ class Results:
         return [summary_row(m, split) for m in self.members for split in SPLITS if split in m.metrics]
 
 
+WEIGHT_SHAPES = {"encoder": ("m", "d"), "encoder_bias": ("m",), "decoder": ("m", "d"), "decoder_bias": ("d",)}
+
+
+def check_weight(path, m: Member, name: str, a: np.ndarray, d: int) -> None:
+    """A damaged weight array is a one-line error, never a silent NaN count or a broadcast."""
+    want = tuple({"m": m.dictionary_size, "d": d}[k] for k in WEIGHT_SHAPES[name])
+    if a.shape != want:
+        raise ResultsError(f"{path}: member {m.id!r}: {name} has shape {a.shape}, expected {want} "
+                           "(damaged results file)")
+    if not np.isfinite(a).all():
+        raise ResultsError(f"{path}: member {m.id!r}: {name} holds NaN or Inf values (damaged results file)")
+
+
 def summary_row(m: Member, split: str) -> dict:
     row = {k: getattr(m, k) for k in MEMBER_KEYS}
     row["split"] = split
@@ -163,17 +182,17 @@ def _check_split(path, split: str) -> None:
 
 
 def write_results(path: str | os.PathLike, results: Results, arrays: dict[str, MemberArrays], *,
-                  force: bool = False) -> Path:
-    """Write `results` (its `path` is ignored) and each member's arrays to `path`, atomically."""
+                  force: bool = False, resumable: bool = False) -> Path:
+    """Write `results` (its `path` is ignored) and each member's arrays to `path`, atomically. A full
+    disk is one line (`OutputError`) that says to free space (and `--resume` when `resumable`)."""
     path = Path(path)
     if path.exists() and not force:
         raise ResultsError(f"{path}: already exists; pass --force to overwrite it")
     missing = [m.id for m in results.members if m.id not in arrays]
     if missing:
         raise ValueError(f"no arrays for members {missing}")
-    tmp = Path(str(path) + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    check_free_space(path, _size_estimate(results, arrays), resumable=resumable)
+    with atomic_path(path, force=True, resumable=resumable) as tmp:
         with h5py.File(tmp, "w") as f:
             _write_header(f, results)
             g = f.create_group("members")
@@ -189,11 +208,15 @@ def write_results(path: str | os.PathLike, results: Results, arrays: dict[str, M
                 ds.attrs["description"] = "copy of the store's ground-truth features (unnormalised directions)"
             f.create_dataset("summary", data=_records(results.table()))
             f["summary"].attrs["description"] = "one row per member and split: metrics and signals"
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
+
+
+def _size_estimate(results: Results, arrays: dict[str, MemberArrays]) -> int:
+    """Bytes the file will take, about (float32 arrays, plus room for attributes and tables)."""
+    n = sum(np.asarray(getattr(a, k)).size for a in arrays.values()
+            for k in ("encoder", "encoder_bias", "decoder", "decoder_bias"))
+    n += sum(np.asarray(v).size for a in arrays.values() for part in (a.row_sse, a.frequency) for v in part.values())
+    return 4 * n + 4096 * (len(results.members) + 16)
 
 
 SIGNAL_TABLE_HELP = {
@@ -276,8 +299,10 @@ def _plain(v):
 def load_results(path: str | os.PathLike) -> Results:
     """Open a results file: metadata, members (metrics, signals, curves) and tables now; arrays later."""
     path = Path(path)
-    if not path.exists() and Path(str(path) + ".tmp").exists():
-        raise ResultsError(f"{path}: only a .tmp exists: the sweep is still writing its results or was killed")
+    if not path.exists() and (Path(str(path) + ".ckpt").exists() or Path(str(path) + ".tmp").exists()
+                              or any(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))):
+        raise ResultsError(f"{path}: does not exist yet: its sweep is still running or was killed "
+                           "(continue it with sweep --resume)")
     with _open_h5(path, "r") as f:
         _check_format(f, path, FORMAT, FORMAT_VERSION)
         try:
@@ -297,6 +322,8 @@ def load_results(path: str | os.PathLike) -> Results:
 
 def _read_member(g: h5py.Group) -> Member:
     a = {k: _plain(v) for k, v in g.attrs.items()}
+    if "metrics" not in g:
+        raise KeyError(f"member {a.get('id', g.name)!r} has no metrics group")
     metrics = {split: {k: _plain(g[f"metrics/{split}"].attrs[k]) for k in METRIC_KEYS}
                for split in SPLITS if f"metrics/{split}" in g}
     for values in metrics.values():

@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import re
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .device import resolve_device
 from .errors import SparsefeatError
-from .files import atomic_path
+from .files import OutputError, WriterLock, atomic_path, check_free_space, check_output
 from .results import SIGNAL_KEYS, Member, MemberArrays, Results, ResultsError, write_results
 from .sae import ARCHITECTURES, SAE, SAEOptions, architecture, pre_bias
 from .store import ActivationStore, to_json
@@ -213,23 +214,20 @@ def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | o
     `resume=True` continues from `<out>.ckpt` when it exists (same config and store, else a one-line
     error) and starts from scratch when it does not; `force=True` replaces an existing results file
     (and discards an old checkpoint unless resuming)."""
-    out = Path(out)
+    out = check_output(out, force=True, inputs=[store_path])  # never the store itself, even with --force
     if out.exists() and not force:
         hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
             "already exists; pass --force to overwrite it"
         raise ResultsError(f"{out}: {hint}")
-    try:  # find out now, not after hours of training, that the results cannot be written
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResultsError(f"{out}: cannot create its folder ({e.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise ResultsError(f"{out}: its folder is not writable")
-    remove_stale_temporaries(out)
-    with ActivationStore(store_path) as store:
-        sweep = Sweep(store, config, out, progress=progress)
-        sweep.start(resume=resume, force=force)
-        sweep.train()
-        return sweep.finish(force=force)
+    with WriterLock(out, what="results file"):  # one sweep per results file (and its checkpoint)
+        remove_stale_temporaries(out)
+        with ActivationStore(store_path) as store:
+            sweep = Sweep(store, config, out, progress=progress)
+            if progress:
+                print(sweep.startup_line(), file=sys.stderr)
+            sweep.start(resume=resume, force=force)
+            sweep.train()
+            return sweep.finish(force=force)
 
 
 def checkpoint_path(out: str | os.PathLike) -> Path:
@@ -255,6 +253,9 @@ class Sweep:
     def __init__(self, store: ActivationStore, config: SweepConfig, out: Path, progress: bool = True):
         self.store, self.config, self.out, self.progress = store, config, out, progress
         self.ckpt = checkpoint_path(out)
+        if not store.complete:
+            raise TrainingError(f"{store.path}: is an unfinished store (its writer stopped before the end); "
+                                "resume the store first (its command with --resume), then sweep the finished file")
         self.site = store.default_site() if config.site is None else config.site
         self.d = store.width(self.site)  # raises a one-line StoreError for an unknown site
         if store.n_rows("test") == 0:
@@ -268,6 +269,11 @@ class Sweep:
             self.specs = config.members(self.d)
         except ValueError as e:
             raise TrainingError(f"{store.path}: {e}") from None
+        too_large = [(s.sparsity, s.size) for s in self.specs if s.sparsity_name == "k" and s.sparsity >= s.size]
+        if too_large:
+            k, m = too_large[0]
+            raise TrainingError(f"{out}: topk with k={k:g} needs dictionaries larger than k, but one has {m} latents "
+                                "(every latent would fire: no sparsity); use a smaller --k or larger --sizes")
         self.batches_per_epoch = self.n_train // config.batch_size
         self.total_steps = (config.steps if config.steps is not None else
                             max(1, math.ceil(config.epochs * self.batches_per_epoch)) if config.epochs is not None
@@ -276,10 +282,17 @@ class Sweep:
         if config.bf16 and self.device.type != "cuda":
             raise TrainingError(f"{out}: --bf16 needs a CUDA device (this run uses {self.device})")
         self.label = config.label or f"{Path(store.path).stem}:{self.site}"
+        self.memory = memory_estimate(self.specs, self.d, config.batch_size, store.n_rows("test"), config.sample_rows)
+        check_memory(self.memory, self.device, out)
         self.step = 0
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
         self._batches = None  # the training stream, opened at the first train() call
         self.checkpoint_step: int | None = None  # step of the checkpoint on disk that this run wrote or resumed
+
+    def startup_line(self) -> str:
+        sizes = ", ".join(str(m) for m in sorted({s.size for s in self.specs}))
+        return (f"sweep {self.label}: {len(self.specs)} members (sizes {sizes}), {self.total_steps} steps on "
+                f"{self.device}; memory {self.memory.describe()}")
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -359,8 +372,20 @@ class Sweep:
                      step=self.step, scale=float(self.scale), bias=self.bias.cpu(), curves=curves,
                      stacks=[{k: _to_cpu(v) for k, v in st.state_dict().items()} for st in self.stacks],
                      optimizer=self.optimizer.state_dict())
-        with atomic_path(self.ckpt, resumable=True) as tmp:
-            torch.save(state, tmp)
+        need = self.memory.checkpoint + (1 << 16)
+        kept = "" if self.checkpoint_step is None else f"; the checkpoint of step {self.checkpoint_step} is kept"
+        try:
+            check_free_space(self.ckpt, need, resumable=True)
+            with atomic_path(self.ckpt, resumable=True) as tmp:
+                torch.save(state, tmp)
+        except RuntimeError:  # torch's zip writer reports a full disk as "unexpected pos"
+            try:
+                check_free_space(self.ckpt, need, resumable=True)
+            except OutputError as e:
+                raise OutputError(f"{e}{kept}") from None
+            raise
+        except OutputError as e:
+            raise OutputError(f"{e}{kept}") from None
         self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> dict:
@@ -589,10 +614,78 @@ class Sweep:
                           store_path=str(Path(self.store.path).resolve()), store_kind=self.store.kind or "",
                           store_provenance=self.store.provenance, store_hash=self.store_hash, config=config,
                           members=members, ground_truth=gt, signals=signals, normalisation_scale=self.scale)
-        path = write_results(self.out, results, arrays, force=force)
+        path = write_results(self.out, results, arrays, force=force, resumable=self.ckpt.exists())
         if self.ckpt.exists():
             self.ckpt.unlink()
         return path
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a sweep needs at its peak, by part (an estimate from shapes, within tens of percent)."""
+
+    weights: int  # parameters, gradients and Adam's two moments of every member
+    codes: int  # the largest stack's activations and their gradients for one batch
+    evaluation: int  # per-row errors of every member, the statistics sample, exported weights
+    checkpoint: int  # size of one checkpoint file
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.codes + self.evaluation
+
+    def describe(self) -> str:
+        return (f"about {human_bytes(self.total)} (weights and Adam state {human_bytes(self.weights)}, codes per "
+                f"batch {human_bytes(self.codes)}, evaluation {human_bytes(self.evaluation)})")
+
+
+def memory_estimate(specs: list[MemberSpec], d: int, batch_size: int, test_rows: int, sample_rows: int
+                    ) -> MemoryEstimate:
+    """The memory of a sweep from its shapes (float32 everywhere, 4 bytes), before anything is allocated."""
+    params = [2 * s.size * d + s.size + d for s in specs]
+    by_size: dict[int, int] = {}
+    for s in specs:
+        by_size[s.size] = by_size.get(s.size, 0) + 1
+    # per stack: pre-activations, codes and their gradients [G, B, m]; x̂ and its gradient [G, B, d];
+    # a stack holds at most STACK_ELEMENTS codes, so a size's members may be split over several stacks
+    codes = max(4 * min(g * batch_size * m, max(STACK_ELEMENTS, batch_size * m)) + 2 * g * batch_size * d
+                for m, g in by_size.items()) * 4
+    evaluation = (2 * len(specs) * test_rows + sum(params)) * 4 + 3 * sample_rows * d * 8
+    return MemoryEstimate(weights=16 * sum(params), codes=codes, evaluation=evaluation,
+                          checkpoint=12 * sum(params) + 8 * sum(s.size for s in specs))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this process on `device`: CUDA's free memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(estimate: MemoryEstimate, device: torch.device, out: Path) -> None:
+    """Refuse a sweep that cannot fit, before allocating (the kernel's OOM killer says nothing)."""
+    free = available_memory(device)
+    if free is not None and estimate.total > free:
+        raise TrainingError(f"{out}: this sweep needs {estimate.describe()} but {device} has "
+                            f"{human_bytes(free)} available; use smaller --sizes, fewer members or a smaller "
+                            "--batch-size")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:

@@ -389,6 +389,151 @@ def test_nan_loss_stops_with_member_and_step_and_keeps_the_last_good_checkpoint(
     assert checkpoint_path(out).exists()
 
 
+FULL_DISK_RUN = """
+import contextlib, io, json, os, shutil, sys, torch
+torch.set_num_threads(1)
+from sparsefeat.cli import main
+store, disk, outside = sys.argv[1:4]
+out = os.path.join(disk, "sweep.h5")
+save, calls = torch.save, []
+def hooked(obj, f, *a, **kw):  # fill the disk once the chosen checkpoint is written
+    save(obj, f, *a, **kw)
+    calls.append(1)
+    if len(calls) == {fill_after}:
+        st = os.statvfs(disk)
+        with open(os.path.join(disk, "filler"), "wb") as fill:
+            fill.write(b"x" * max(0, st.f_bavail * st.f_frsize - 2048))
+torch.save = hooked
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["sweep", store, "--out", out, "--no-progress"])
+ckpt = os.path.join(disk, "sweep.h5.ckpt")
+report = dict(code=code, err=err.getvalue(), files=sorted(os.listdir(disk)),
+              step=int(torch.load(ckpt, weights_only=True)["step"]) if os.path.exists(ckpt) else None)
+os.remove(os.path.join(disk, "filler"))  # free the space, then resume as the message advises
+torch.save = save
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    report["resumed"] = main(["sweep", store, "--out", out, "--no-progress", "--resume"])
+shutil.copy(out, os.path.join(outside, "resumed.h5"))
+json.dump(report, open(os.path.join(outside, "report.json"), "w"))
+"""
+
+
+def run_on_small_disk(code: str, args, disk, size="4m"):
+    """Run `python -c code args` with a tmpfs of `size` mounted on `disk` (its own mount namespace)."""
+    import os
+    import shlex
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} || exit 99; exec {sys.executable} "
+              f"-c {shlex.quote(code)} " + " ".join(shlex.quote(str(a)) for a in args))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("needs unshare to mount a small tmpfs")
+    if proc.returncode == 99 or b"unshare:" in proc.stderr[:200]:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode()[:200]}")
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fill_after,kept_step,where", [(1, 1000, "sweep.h5.ckpt"), (3, 3000, "sweep.h5")])
+def test_full_disk_at_a_checkpoint_or_the_final_write_is_one_line_and_resumes(default_store, default_sweep,
+                                                                              tmp_path, fill_after, kept_step, where):
+    code = FULL_DISK_RUN.replace("{fill_after}", str(fill_after))
+    run_on_small_disk(code, [default_store, tmp_path / "disk", tmp_path], tmp_path / "disk")
+    report = json.loads((tmp_path / "report.json").read_text())
+    err = report["err"]
+    assert report["code"] == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{where}: no space left" in err and "--resume" in err, err
+    assert report["step"] == kept_step and "sweep.h5" not in report["files"]  # the last checkpoint is kept
+    assert report["resumed"] == 0
+    resumed = load_results(tmp_path / "resumed.h5")
+    for ma, mb in zip(default_sweep.members, resumed.members):
+        assert_same_member(default_sweep, resumed, ma, mb)
+
+
+def test_a_sweep_too_large_for_memory_is_refused_before_allocating(small_store, tmp_path, capsys):
+    out = tmp_path / "huge.h5"
+    args = ["sweep", str(small_store), "--sizes", "100000000", "--seeds", "0", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "this sweep needs about" in err and "weights and Adam state" in err
+    assert "available; use smaller --sizes" in err
+    assert not out.exists() and not checkpoint_path(out).exists()
+    assert main(["sweep", str(small_store), "--sizes", "8", "--seeds", "0", "--steps", "20", "--out", str(out)]) == 0
+    startup = capsys.readouterr().err.splitlines()[0]  # the start-up line states the estimate
+    assert startup.startswith("sweep small:x: 1 members (sizes 8), 20 steps on cpu; memory about ")
+    assert "codes per batch" in startup and "evaluation" in startup
+
+
+def test_the_store_is_never_the_output_even_with_force(small_store, tmp_path, digest):
+    before = digest(small_store)
+    for extra in ([], ["--force"], ["--resume"]):
+        with pytest.raises(SparsefeatError, match="is also an input"):
+            train_sweep(small_store, small_config(), small_store, force="--force" in extra,
+                        resume="--resume" in extra, progress=False)
+    assert digest(small_store) == before
+
+
+def test_two_sweeps_cannot_write_the_same_results_file(small_store, tmp_path):
+    from sparsefeat.files import WriterLock
+    out = tmp_path / "locked.h5"
+    with WriterLock(out, what="results file"):  # another sweep writing this file right now
+        with pytest.raises(SparsefeatError, match="another process is writing this results file"):
+            train_sweep(small_store, small_config(), out, force=True, progress=False)
+        with pytest.raises(SparsefeatError, match="another process is writing"):
+            train_sweep(small_store, small_config(), out, resume=True, progress=False)
+    assert not out.exists()
+    train_sweep(small_store, small_config(steps=20, sizes=["8"]), out, progress=False)  # free again
+    assert out.exists() and not (tmp_path / "locked.h5.lock").exists()
+
+
+def test_topk_with_k_not_below_the_dictionary_size_is_refused(small_store, tmp_path):
+    with pytest.raises(SparsefeatError, match=r"k=16 needs dictionaries larger than k, but one has 8 latents"):
+        train_sweep(small_store, small_config(arch="topk", k=[2, 16], sizes=["8", "32"]), tmp_path / "k.h5",
+                    progress=False)
+    with pytest.raises(SparsefeatError, match=r"k=8 .* one has 8 latents"):
+        train_sweep(small_store, small_config(arch="topk", k=[8], sizes=["8"]), tmp_path / "k.h5", progress=False)
+    assert not (tmp_path / "k.h5").exists()
+
+
+def test_an_unfinished_store_is_refused_with_advice_to_resume_it(tmp_path):
+    from sparsefeat.store import partial_path
+    w = StoreWriter(tmp_path / "cut.h5", sites={"x": 8}, provenance={"test": 1})
+    w.append({"x": np.random.default_rng(0).normal(size=(600, 8))}, test=split_rows(600, 0.2, 0))
+    w.close(complete=False)
+    with pytest.raises(SparsefeatError, match=r"cut\.h5\.partial: is an unfinished store.*resume the store first"):
+        train_sweep(partial_path(tmp_path / "cut.h5"), small_config(), tmp_path / "out.h5", progress=False)
+    assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan-decoder", "decoder holds NaN or Inf values"),
+    ("shape-decoder", "decoder has shape (8, 7), expected (8, 8)"),
+    ("no-metrics", "has no metrics group"),
+])
+def test_damaged_results_files_are_one_line_errors_for_count_and_plot(small_store, tmp_path, capsys, damage,
+                                                                      message):
+    import h5py
+    path = train_sweep(small_store, small_config(steps=40, sizes=["8", "16"], l1=[0.1]), tmp_path / "r.h5",
+                       progress=False)
+    member = "m=8,l1=0.1,seed=0"
+    with h5py.File(path, "a") as f:
+        g = f["members"][member]
+        if damage == "nan-decoder":
+            g["decoder"][0, 0] = np.nan
+        elif damage == "shape-decoder":
+            del g["decoder"]
+            g["decoder"] = np.zeros((8, 7), np.float32)
+        else:
+            del g["metrics"]
+    for command in (["count", str(path)], ["plot", str(path), "--out", str(tmp_path / "fig")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "r.h5" in err, err
+
+
 # ---- small pieces --------------------------------------------------------------------------------
 
 
