@@ -139,12 +139,15 @@ def test_results_file_holds_what_the_analysis_needs(toy_sweep, toy_store):
 
 
 def test_stored_metrics_equal_the_metric_functions_on_the_whole_split(toy_sweep, toy_store):
+    from sparsefeat.load import load_sae
     r = toy_sweep
     with ActivationStore(toy_store) as s:
-        x = s.load("x", "test") * r.normalisation_scale
+        raw = s.load("x", "test")
+    x = raw * r.normalisation_scale  # metrics are in the trainer's normalised units
     for m in r.members[::3]:
-        c = torch.relu(x @ torch.from_numpy(r.encoder(m.id)).T + torch.from_numpy(r.encoder_bias(m.id)))
-        x_hat = c @ torch.from_numpy(r.decoder(m.id)) + torch.from_numpy(r.decoder_bias(m.id))
+        with torch.no_grad():
+            x_hat, c = load_sae(r, m.id)(raw)
+        x_hat = x_hat * r.normalisation_scale
         got = m.metrics["test"]
         assert got["mse"] == pytest.approx(M.mse(x, x_hat), rel=1e-4)
         assert got["fvu"] == pytest.approx(M.fvu(x, x_hat), rel=1e-4)
@@ -154,6 +157,61 @@ def test_stored_metrics_equal_the_metric_functions_on_the_whole_split(toy_sweep,
         assert got["loss"] == pytest.approx(M.mse(x, x_hat) + m.sparsity * M.l1(c), rel=1e-4)
         assert got["dead_fraction"] == pytest.approx(M.dead_fraction(c))
         np.testing.assert_allclose(r.row_sse(m.id, "test"), M.row_sse(x, x_hat).numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["relu-l1", "topk"])
+def test_load_sae_reproduces_the_trainers_members_on_raw_rows(small_store, tmp_path, arch):
+    from sparsefeat.load import load_sae
+    from sparsefeat.train import Sweep
+    cfg = small_config(arch=arch, k=[2, 3], steps=80, model={"auxk_dead_rows": 640} if arch == "topk" else {})
+    with ActivationStore(small_store) as s:
+        sweep = Sweep(s, cfg, tmp_path / "r.h5", progress=False)
+        path = sweep.run()
+        raw = s.load("x", "test")
+    assert sweep.scale != 1.0  # the loaded module must apply the input normalisation itself
+    with torch.no_grad(), load_results(path) as r:
+        for st, specs in zip(sweep.stacks, sweep.stack_specs):
+            x_hat, codes = st(raw * sweep.scale)  # the trainer's own modules, normalised units
+            for g, spec in enumerate(specs):
+                sae = load_sae(path, spec.id)
+                got_hat, got_codes = sae(raw)
+                torch.testing.assert_close(got_codes, codes[g])
+                torch.testing.assert_close(got_hat * sweep.scale, x_hat[g])
+                torch.testing.assert_close(sae.decode(sae.encode(raw)), got_hat)
+                stored = r.row_sse(spec.id, "test")
+                np.testing.assert_allclose(M.row_sse(raw * sweep.scale, got_hat * sweep.scale).numpy(), stored,
+                                           rtol=1e-4, atol=1e-6)
+                if arch == "topk":
+                    assert ((got_codes != 0).sum(-1) <= spec.sparsity).all()
+
+
+def test_results_store_the_documents_of_the_test_rows_and_count_needs_no_store(tmp_path):
+    from sparsefeat.count import test_documents
+    n, d = 1200, 8
+    docs = np.repeat(np.arange(n // 40), 40)
+    test = np.isin(docs, np.arange(0, n // 40, 5)).astype(np.uint8)  # whole documents held out
+    store = tmp_path / "model.h5"
+    with StoreWriter(store, sites={"x": d}, provenance={"test": 1}, kind="model", tokens=True,
+                     split_unit="document") as w:
+        w.append({"x": np.random.default_rng(0).normal(size=(n, d))}, test=test,
+                 tokens=dict(doc=docs, pos=np.arange(n) % 40, ids=np.zeros(n, np.int64)))
+    r = load_results(train_sweep(store, small_config(steps=20, sizes=["8"], l1=[0.1], seeds=[0]), tmp_path / "r.h5",
+                                 progress=False))
+    np.testing.assert_array_equal(r.test_documents, docs[test == 1])
+    store.unlink()  # the store moved away: the results file still knows the documents
+    np.testing.assert_array_equal(test_documents(r, int(test.sum())), docs[test == 1])
+
+
+def test_version_1_results_files_are_still_read(small_store, tmp_path):
+    import h5py
+    path = train_sweep(small_store, small_config(steps=20, sizes=["8"], l1=[0.1], seeds=[0]), tmp_path / "v1.h5",
+                       progress=False)
+    with h5py.File(path, "a") as f:  # what version 1 wrote: no thresholds, no test documents
+        f.attrs["format_version"] = 1
+        del f.attrs["signal_thresholds"]
+    with load_results(path) as r:
+        assert r.signal_thresholds == {"match": 0.9, "seed": 0.7} and r.test_documents is None
+        assert r.decoder(r.members[0].id).shape == (8, 8)
 
 
 def test_inputs_are_scaled_to_unit_mean_squared_norm(toy_sweep, toy_store):
@@ -190,7 +248,7 @@ def assert_same_member(a, b, ma, mb):
 
 @pytest.mark.parametrize("arch", ["relu-l1", "topk"])
 def test_a_member_trained_in_a_sweep_equals_it_trained_alone(small_store, tmp_path, arch):
-    kw = dict(arch=arch, k=[2, 4], model={"auxk_dead_rows": 640})
+    kw = dict(arch=arch, k=[2, 4], model={"auxk_dead_rows": 640} if arch == "topk" else {})
     sweep = load_results(train_sweep(small_store, small_config(**kw), tmp_path / "sweep.h5", progress=False))
     member = [m for m in sweep.members if m.dictionary_size == 16 and m.seed == 1][-1]  # the 2nd sparsity
     solo_cfg = small_config(sizes=["16"], seeds=[1], l1=[member.sparsity], k=[int(member.sparsity)], arch=arch,
@@ -619,10 +677,9 @@ def test_cuda_step_loop_never_waits_for_the_device(toy_store, tmp_path, arch):
     cfg = SweepConfig(sizes=["32", "64"], arch=arch, k=[4], seeds=[0, 1], steps=100, device="cuda",
                       model={"auxk_dead_rows": 256})
     with ActivationStore(toy_store) as s:
-        sweep = Sweep(s, cfg, tmp_path / "x.h5", progress=False)
-        sweep.start(resume=False, force=False)
+        sweep = Sweep(s, cfg, tmp_path / "x.h5", force=False, progress=False)
         sweep.train(until=10)  # warm-up, and (topk) a log that switches AuxK on for dead latents
-        batches = [b for b, _ in zip(sweep._batches, range(20))]
+        batches = [b for b, _ in zip(sweep.stream, range(20))]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -630,6 +687,29 @@ def test_cuda_step_loop_never_waits_for_the_device(toy_store, tmp_path, arch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(per_member).all() for step in losses for per_member in step)
+
+
+def test_signal_thresholds_are_the_counts_and_recorded_in_the_file(toy_sweep):
+    from sparsefeat.count import CountConfig
+    from sparsefeat.signals import SignalThresholds
+    assert toy_sweep.signal_thresholds == {"match": CountConfig().match_floor, "seed": 0.7}
+    assert SignalThresholds.from_count_config(CountConfig(match_floor=0.5)).match == 0.5
+    specs = [MemberSpec("relu-l1", 2, 0.3, 0), MemberSpec("relu-l1", 3, 0.3, 0)]
+    a, b = np.eye(4)[:2], np.array([[0.8, 0.6, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])  # cosines 0.8 and 1
+    weights = {specs[0].id: {"decoder": a, "encoder": a}, specs[1].id: {"decoder": b, "encoder": b}}
+    _, strict = cross_member_signals(specs, weights, None, thresholds=SignalThresholds(match=0.9))
+    _, loose = cross_member_signals(specs, weights, None, thresholds=SignalThresholds(match=0.75))
+    assert strict[specs[0].id]["share_next_0_9"] == 0.5 and loose[specs[0].id]["share_next_0_9"] == 1.0
+
+
+def test_results_hold_one_handle_until_closed(toy_sweep):
+    with load_results(toy_sweep.path) as r:
+        first = r.decoder(r.members[0].id)
+        handle = r._file
+        r.encoder(r.members[1].id), r.row_sse(r.members[2].id, "test")
+        assert r._file is handle and handle.id.valid  # no reopening per array
+        np.testing.assert_array_equal(r.decoder(r.members[0].id), first)
+    assert r._file is None and not handle.id.valid
 
 
 def test_mmcs_with_the_next_size_ignores_dead_atoms():
