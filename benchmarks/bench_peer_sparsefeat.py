@@ -31,13 +31,12 @@ def main():
         with StoreWriter(Path(tmp) / "head.h5", sites={"x": args.d}, provenance={"bench": "peers"}) as w:
             w.append({"x": head}, test=split_rows(len(head), 0.1, 0))
         with ActivationStore(Path(tmp) / "head.h5") as store:
-            sweep = Sweep(store, cfg, Path(tmp) / "unused.h5", progress=False)
-            sweep.start(resume=False, force=True)
+            sweep = Sweep(store, cfg, Path(tmp) / "unused.h5", force=True, progress=False)
     secs = bc.run_loop(lambda i, x: sweep.step_on(x), data, args)
     sae = sweep.stacks[0]
     mse = bc.eval_mse(lambda x: sae(x)[0][0], data, args.eval_rows)
     bc.emit(args, "sparsefeat", args.arch, secs, mse, lib_version=__version__,
-            api="Sweep(store, SweepConfig).start(); Sweep.step_on(batch)",
+            api="Sweep(store, SweepConfig); Sweep.step_on(batch)",
             k=args.k if args.arch == "topk" else None)
 
 

@@ -78,8 +78,7 @@ def step_loops(store: Path, tmp: Path, x_batches, m: int, alpha: float, device: 
                       test_curve_points=0, checkpoint_every=0, device=device, test_curve_rows=1)
     bare = BareLoop(x_batches, m, alpha, torch.device(device))
     with ActivationStore(store) as s:
-        sweep = Sweep(s, cfg, tmp / "one.h5", progress=False)
-        sweep.start(resume=False, force=True)
+        sweep = Sweep(s, cfg, tmp / "one.h5", force=True, progress=False)
         bare.steps(3)
         sweep.train(until=3)  # warm-up
         t_bare = t_ours = 0.0

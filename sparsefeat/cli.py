@@ -299,30 +299,51 @@ class SweepCommand(Command):
             "report train and test loss by size and write a results file.")
 
     def configure(self, p):
-        from .sae import SAEOptions
+        from .sae import ARCHITECTURES, SAEOptions
         from .train import SweepConfig
         p.add_argument("store", type=Path, help="the activation store to train on")
         p.add_argument("--out", type=Path, required=True, help="the results file to write (e.g. sweep.h5)")
         add_config_args(p, SweepConfig, skip=("model",), group="sweep options")
-        add_config_args(p, SAEOptions, group="architecture options")
+        add_config_args(p, SAEOptions, group="initialisation (every architecture)")
+        shared = tuple(f.name for f in dataclasses.fields(SAEOptions))
+        for name, cls in sorted(ARCHITECTURES.items()):
+            if cls.Options is not SAEOptions:
+                add_config_args(p, cls.Options, skip=shared, group=f"{name} options")
         p.add_argument("--resume", action="store_true", help="continue a killed sweep from its checkpoint")
         p.add_argument("--force", action="store_true", help="overwrite existing results or an old checkpoint")
         p.add_argument("--json", action="store_true", help="print the summary (one row per member and split) as JSON")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar with running losses")
+                       help="show the start-up line (members, memory estimate) and a progress bar")
 
     def run(self, args):
         from .results import describe, load_results, summary_table
-        from .sae import SAEOptions
         from .train import SweepConfig, train_sweep
-        config = config_from_args(SweepConfig, args, model=config_from_args(SAEOptions, args))
+        config = config_from_args(SweepConfig, args, model=self.model_options(args))
         path = train_sweep(args.store, config, args.out, resume=args.resume, force=args.force,
                            progress=args.progress)
         if args.json:
             print_json(describe(path)["summary"])
         else:
-            print(summary_table(load_results(path)))
+            with load_results(path) as r:
+                print(summary_table(r))
             print(f"wrote {path}")
+
+    @staticmethod
+    def model_options(args) -> dict:
+        """The chosen architecture's options from the flags; a flag of another architecture is refused."""
+        from .sae import ARCHITECTURES
+        from .train import SweepConfig
+        arch = getattr(args, "arch", SweepConfig.arch)
+        if arch not in ARCHITECTURES:
+            return {}  # SweepConfig names the known ones
+        own = {f.name for f in dataclasses.fields(ARCHITECTURES[arch].Options)}
+        every = {f.name for cls in ARCHITECTURES.values() for f in dataclasses.fields(cls.Options)}
+        given = {k: v for k, v in vars(args).items() if k in every}
+        foreign = sorted(set(given) - own)
+        if foreign:
+            raise SparsefeatError(f"--{foreign[0].replace('_', '-')} is not an option of {arch} "
+                                  f"(its options: {', '.join('--' + n.replace('_', '-') for n in sorted(own))})")
+        return given
 
 # ---- harvest (issue 4) ---------------------------------------------------------------------
 # (section: harvest)

@@ -516,9 +516,13 @@ def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
 
 
 def test_documents(r, n_rows: int) -> np.ndarray | None:
-    """Document ids of the evaluated test rows, when the store is at hand and they can be aligned
-    (model data: tokens of one document are correlated, so the bootstrap resamples documents)."""
+    """Document ids of the evaluated test rows (model data: tokens of one document are correlated, so
+    the bootstrap resamples documents). Stored in the results file since format version 2; older
+    files are aligned with their store when it is still at its recorded path."""
     from .store import ActivationStore, StoreError
+    if r.test_documents is not None:
+        docs = np.asarray(r.test_documents)
+        return docs if docs.shape[0] == n_rows else None
     if r.store_kind != "model":
         return None
     try:

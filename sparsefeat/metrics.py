@@ -94,6 +94,62 @@ def dead_fraction(counts_or_codes) -> float:
     return float((counts == 0).double().mean())
 
 
+# ---- the same metrics over a stream of batches ------------------------------------------------
+
+
+class RunningMetrics:
+    """MSE, FVU, L1, L0, shrinkage and dead fraction accumulated over batches of rows, for G
+    dictionaries at once, equal (to float rounding) to the functions above on the concatenated rows.
+
+    `add(x [B, d], x_hat [G, B, d], codes [G, B, m])` adds a batch (float64 sums, so nothing depends on
+    how the rows were batched) and returns the batch's `row_sse` [G, B]; `result()` gives one dict of
+    numpy arrays [G] per metric. FVU uses Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/N, which needs no second pass.
+    """
+
+    def __init__(self):
+        self.rows = 0
+        self.x_sum = self.x_sq = self.x_norm = 0.0  # of the data
+        self.sse = self.l1 = self.norm_hat = 0.0  # per dictionary [G]
+        self.fired = 0  # per dictionary and latent [G, m]
+
+    @torch.no_grad()
+    def add(self, x, x_hat, codes) -> torch.Tensor:
+        x, x_hat, codes = _t(x), _t(x_hat), _t(codes)
+        xd = x.double()
+        self.rows += x.shape[0]
+        self.x_sum = self.x_sum + xd.sum(0)
+        self.x_sq = self.x_sq + xd.pow(2).sum()
+        self.x_norm = self.x_norm + torch.linalg.vector_norm(xd, dim=-1).sum()
+        err = row_sse(x, x_hat)  # [G, B]
+        self.sse = self.sse + err.sum(-1, dtype=torch.float64)
+        self.l1 = self.l1 + codes.abs().sum((-2, -1), dtype=torch.float64)
+        self.norm_hat = self.norm_hat + torch.linalg.vector_norm(x_hat, dim=-1).sum(-1, dtype=torch.float64)
+        self.fired = self.fired + firing_counts_per_member(codes)
+        return err
+
+    def frequency(self) -> np.ndarray:
+        """[G, m]: share of the rows on which each latent fired."""
+        return (_numpy(self.fired) / self.rows).astype(np.float32)
+
+    def result(self) -> dict[str, np.ndarray]:
+        n = self.rows
+        total_var = float(_numpy(self.x_sq - (self.x_sum ** 2).sum() / n))
+        sse, fired = _numpy(self.sse), _numpy(self.fired)
+        return dict(mse=sse / n, fvu=sse / total_var if total_var > 0 else np.full_like(sse, math.nan),
+                    l1=_numpy(self.l1) / n, l0=fired.sum(-1) / n,
+                    dead_fraction=np.array([dead_fraction(f) for f in fired]),
+                    shrinkage=_numpy(self.norm_hat) / float(_numpy(self.x_norm)))
+
+
+def firing_counts_per_member(codes) -> torch.Tensor:
+    """[G, B, m] codes -> [G, m]: per dictionary, the rows on which each latent is non-zero."""
+    return torch.count_nonzero(_t(codes), dim=-2)
+
+
+def _numpy(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
 # ---- comparing dictionaries -----------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ Layout (documented in full in docs/format.md, section "Results file (sweep.h5)")
 
     /                       attrs: format="sparsefeat.results", format_version, package_version, created,
                                    label, site, d, store_path, store_kind, store_provenance (JSON),
-                                   store_hash, config (JSON), normalisation_scale
+                                   store_hash, config (JSON), normalisation_scale,
+                                   signal_thresholds (JSON, version 2)
     members/<id>/           attrs: id, arch, dictionary_size, sparsity_name, sparsity, seed
         encoder [m, d], encoder_bias [m], decoder [m, d] (unit rows), decoder_bias [d]
         curves/train, curves/test      [n, 2] float64 (step, loss)
@@ -16,13 +17,17 @@ Layout (documented in full in docs/format.md, section "Results file (sweep.h5)")
     signals/<table>         compound datasets: the cross-member tables (one row per compared pair)
     ground_truth/features   [n, d] toy stores only: a copy of the store's ground-truth features
     summary                 compound dataset: one row per member and split
+    test_rows/documents     [test rows] int64, version 2, stores with documents: each evaluated test row's
+                            document id, in the order of row_sse/test
 
-The file is written once, at the end of a sweep, to `<path>.tmp` and renamed, so a reader never
-sees half a file; an existing file is replaced only with `force`.
+The file is written once, at the end of a sweep, through `files.atomic_path` (a hidden temporary file
+renamed when complete), so a reader never sees half a file; an existing file is replaced only with
+`force`. Damaged weights (NaN, wrong shape) and members without metrics are one-line `ResultsError`s.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -35,10 +40,12 @@ import numpy as np
 
 from . import __version__
 from .errors import SparsefeatError
+from .files import atomic_path, check_free_space
 from .store import check_format, open_h5, to_json
 
 FORMAT = "sparsefeat.results"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: signal_thresholds and test_rows/documents (version 1 files are still read)
+V1_SIGNAL_THRESHOLDS = {"match": 0.9, "seed": 0.7}  # fixed in code when version 1 files were written
 SPLITS = ("train", "test")
 METRIC_KEYS = ("mse", "fvu", "l1", "loss", "l0", "dead_fraction", "shrinkage", "rows")
 SIGNAL_KEYS = ("mmcs_next", "mmcs_next_hungarian", "share_next_0_9", "shared_seed", "mmcs_gt", "recovered_gt")
@@ -78,7 +85,12 @@ class MemberArrays:
 
 @dataclass
 class Results:
-    """A loaded results file. Small things are read at once; weights and per-row arrays on demand."""
+    """A results file: small things are read at once; weights and per-row arrays on demand, through
+    one HDF5 handle opened at the first read and kept until `close()` (or the end of a `with` block):
+
+        with load_results("sweep.h5") as r:
+            decoder = r.decoder(r.members[0].id)
+    """
 
     path: Path
     label: str
@@ -92,9 +104,30 @@ class Results:
     members: list[Member]
     ground_truth: np.ndarray | None = None
     signals: dict[str, list[dict]] = field(default_factory=dict)
-    normalisation_scale: float = 1.0
+    normalisation_scale: float = 1.0  # the trainer's inputs were raw rows × this (normalised units)
     package_version: str = __version__
     created: str = ""
+    signal_thresholds: dict = field(default_factory=lambda: dict(V1_SIGNAL_THRESHOLDS))
+    test_documents: np.ndarray | None = None  # [test rows] document id of each evaluated test row
+    _file: h5py.File | None = field(default=None, init=False, repr=False, compare=False)
+
+    # -- the one handle --------------------------------------------------------------------------
+
+    def __enter__(self) -> "Results":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or not self._file.id.valid:
+            self._file = open_h5(self.path, "r")
+        return self._file
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -107,12 +140,14 @@ class Results:
                            f"{', ...' if len(self.members) > 6 else ''})")
 
     def _array(self, member_id: str, name: str) -> np.ndarray:
-        self.member(member_id)  # a clear error for an unknown id
-        with open_h5(self.path, "r") as f:
-            key = f"members/{member_id}/{name}"
-            if key not in f:
-                raise ResultsError(f"{self.path}: member {member_id!r} has no {name!r}")
-            return f[key][()]
+        m = self.member(member_id)  # a clear error for an unknown id
+        f, key = self._h5(), f"members/{member_id}/{name}"
+        if key not in f:
+            raise ResultsError(f"{self.path}: member {member_id!r} has no {name!r}")
+        a = f[key][()]
+        if name in WEIGHT_SHAPES:
+            check_weight(self.path, m, name, a, self.d)
+        return a
 
     def decoder(self, member_id: str) -> np.ndarray:
         """[m, d]: one unit-norm dictionary atom per row (normalised units)."""
@@ -144,6 +179,19 @@ class Results:
         return [summary_row(m, split) for m in self.members for split in SPLITS if split in m.metrics]
 
 
+WEIGHT_SHAPES = {"encoder": ("m", "d"), "encoder_bias": ("m",), "decoder": ("m", "d"), "decoder_bias": ("d",)}
+
+
+def check_weight(path, m: Member, name: str, a: np.ndarray, d: int) -> None:
+    """A damaged weight array is a one-line error, never a silent NaN count or a broadcast."""
+    want = tuple({"m": m.dictionary_size, "d": d}[k] for k in WEIGHT_SHAPES[name])
+    if a.shape != want:
+        raise ResultsError(f"{path}: member {m.id!r}: {name} has shape {a.shape}, expected {want} "
+                           "(damaged results file)")
+    if not np.isfinite(a).all():
+        raise ResultsError(f"{path}: member {m.id!r}: {name} holds NaN or Inf values (damaged results file)")
+
+
 def summary_row(m: Member, split: str) -> dict:
     row = {k: getattr(m, k) for k in MEMBER_KEYS}
     row["split"] = split
@@ -163,17 +211,17 @@ def _check_split(path, split: str) -> None:
 
 
 def write_results(path: str | os.PathLike, results: Results, arrays: dict[str, MemberArrays], *,
-                  force: bool = False) -> Path:
-    """Write `results` (its `path` is ignored) and each member's arrays to `path`, atomically."""
+                  force: bool = False, resumable: bool = False) -> Path:
+    """Write `results` (its `path` is ignored) and each member's arrays to `path`, atomically. A full
+    disk is one line (`OutputError`) that says to free space (and `--resume` when `resumable`)."""
     path = Path(path)
     if path.exists() and not force:
         raise ResultsError(f"{path}: already exists; pass --force to overwrite it")
     missing = [m.id for m in results.members if m.id not in arrays]
     if missing:
         raise ValueError(f"no arrays for members {missing}")
-    tmp = Path(str(path) + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    check_free_space(path, _size_estimate(results, arrays), resumable=resumable)
+    with atomic_path(path, force=True, resumable=resumable) as tmp:
         with h5py.File(tmp, "w") as f:
             _write_header(f, results)
             g = f.create_group("members")
@@ -189,11 +237,18 @@ def write_results(path: str | os.PathLike, results: Results, arrays: dict[str, M
                 ds.attrs["description"] = "copy of the store's ground-truth features (unnormalised directions)"
             f.create_dataset("summary", data=_records(results.table()))
             f["summary"].attrs["description"] = "one row per member and split: metrics and signals"
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            if results.test_documents is not None:
+                ds = f.create_dataset("test_rows/documents", data=np.asarray(results.test_documents, np.int64))
+                ds.attrs["description"] = "document id of each evaluated test row, in the order of row_sse/test"
     return path
+
+
+def _size_estimate(results: Results, arrays: dict[str, MemberArrays]) -> int:
+    """Bytes the file will take, about (float32 arrays, plus room for attributes and tables)."""
+    n = sum(np.asarray(getattr(a, k)).size for a in arrays.values()
+            for k in ("encoder", "encoder_bias", "decoder", "decoder_bias"))
+    n += sum(np.asarray(v).size for a in arrays.values() for part in (a.row_sse, a.frequency) for v in part.values())
+    return 4 * n + 4096 * (len(results.members) + 16)
 
 
 SIGNAL_TABLE_HELP = {
@@ -209,7 +264,7 @@ def _write_header(f: h5py.File, r: Results) -> None:
                    label=r.label, site=r.site, d=int(r.d), store_path=str(r.store_path),
                    store_kind=r.store_kind or "", store_provenance=to_json(r.store_provenance),
                    store_hash=r.store_hash, config=to_json(r.config),
-                   normalisation_scale=float(r.normalisation_scale))
+                   normalisation_scale=float(r.normalisation_scale), signal_thresholds=to_json(r.signal_thresholds))
 
 
 def _write_member(g: h5py.Group, m: Member, a: MemberArrays) -> None:
@@ -276,27 +331,44 @@ def _plain(v):
 def load_results(path: str | os.PathLike) -> Results:
     """Open a results file: metadata, members (metrics, signals, curves) and tables now; arrays later."""
     path = Path(path)
-    if not path.exists() and Path(str(path) + ".tmp").exists():
-        raise ResultsError(f"{path}: only a .tmp exists: the sweep is still writing its results or was killed")
-    with open_h5(path, "r") as f:
-        check_format(f, path, FORMAT, FORMAT_VERSION)
-        try:
-            a = {k: _plain(v) for k, v in f.attrs.items()}
-            groups = sorted(f["members"].values(), key=lambda g: int(g.attrs.get("index", 0)))
-            members = [_read_member(g) for g in groups]
-            signals = {name: _from_records(ds[()]) for name, ds in f["signals"].items()} if "signals" in f else {}
-            gt = f["ground_truth/features"][()] if "ground_truth/features" in f else None
-            return Results(path=path, label=a["label"], site=a["site"], d=int(a["d"]), store_path=a["store_path"],
-                           store_kind=a["store_kind"], store_provenance=json.loads(a["store_provenance"]),
-                           store_hash=a["store_hash"], config=json.loads(a["config"]), members=members,
-                           ground_truth=gt, signals=signals, normalisation_scale=float(a["normalisation_scale"]),
-                           package_version=a.get("package_version", ""), created=a.get("created", ""))
-        except (KeyError, ValueError) as e:
-            raise ResultsError(f"{path}: malformed results file ({e})") from None
+    if not path.exists() and (Path(str(path) + ".ckpt").exists() or Path(str(path) + ".tmp").exists()
+                              or any(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))):
+        raise ResultsError(f"{path}: does not exist yet: its sweep is still running or was killed "
+                           "(continue it with sweep --resume)")
+    f = open_h5(path, "r")
+    try:
+        r = _read(f, path)
+    except BaseException:
+        f.close()
+        raise
+    r._file = f  # kept open for the arrays: one handle per loaded file
+    return r
+
+
+def _read(f: h5py.File, path: Path) -> Results:
+    check_format(f, path, FORMAT, FORMAT_VERSION)
+    try:
+        a = {k: _plain(v) for k, v in f.attrs.items()}
+        groups = sorted(f["members"].values(), key=lambda g: int(g.attrs.get("index", 0)))
+        members = [_read_member(g) for g in groups]
+        signals = {name: _from_records(ds[()]) for name, ds in f["signals"].items()} if "signals" in f else {}
+        gt = f["ground_truth/features"][()] if "ground_truth/features" in f else None
+        docs = f["test_rows/documents"][()] if "test_rows/documents" in f else None
+        thresholds = json.loads(a["signal_thresholds"]) if "signal_thresholds" in a else dict(V1_SIGNAL_THRESHOLDS)
+        return Results(path=path, label=a["label"], site=a["site"], d=int(a["d"]), store_path=a["store_path"],
+                       store_kind=a["store_kind"], store_provenance=json.loads(a["store_provenance"]),
+                       store_hash=a["store_hash"], config=json.loads(a["config"]), members=members,
+                       ground_truth=gt, signals=signals, normalisation_scale=float(a["normalisation_scale"]),
+                       package_version=a.get("package_version", ""), created=a.get("created", ""),
+                       signal_thresholds=thresholds, test_documents=docs)
+    except (KeyError, ValueError) as e:
+        raise ResultsError(f"{path}: malformed results file ({e})") from None
 
 
 def _read_member(g: h5py.Group) -> Member:
     a = {k: _plain(v) for k, v in g.attrs.items()}
+    if "metrics" not in g:
+        raise KeyError(f"member {a.get('id', g.name)!r} has no metrics group")
     metrics = {split: {k: _plain(g[f"metrics/{split}"].attrs[k]) for k in METRIC_KEYS}
                for split in SPLITS if f"metrics/{split}" in g}
     for values in metrics.values():
@@ -350,11 +422,15 @@ def json_ready(obj):
 
 def describe(path: str | os.PathLike) -> dict:
     """Everything `sparsefeat inspect` shows about a results file, as a JSON-ready dict."""
-    r = load_results(path)
+    with load_results(path) as r:
+        return _description(r)
+
+
+def _description(r: Results) -> dict:
     return json_ready(dict(
         path=str(r.path), format=FORMAT, format_version=FORMAT_VERSION, package_version=r.package_version,
         created=r.created, label=r.label, site=r.site, d=r.d,
         store=dict(path=r.store_path, kind=r.store_kind, hash=r.store_hash, provenance=r.store_provenance),
-        normalisation_scale=r.normalisation_scale, config=r.config,
+        normalisation_scale=r.normalisation_scale, signal_thresholds=r.signal_thresholds, config=r.config,
         members=len(r.members), ground_truth=None if r.ground_truth is None else list(r.ground_truth.shape),
         summary=r.table(), signals=r.signals))

@@ -25,18 +25,22 @@ Adding an architecture: subclass `SAE`, set `name` and `sparsity_name`, implemen
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
 import torch
+
+from .errors import ConfigError
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
 
 @dataclass
 class SAEOptions:
-    """Architecture options shared by every member of a sweep (the single source of their defaults)."""
+    """Options every architecture shares: how a member's weights start (the single source of their
+    defaults). Each architecture's own options subclass this (`ReluL1Options`, `TopKOptions`), as each
+    toy owns its `Params`."""
 
     decoder_init: str = field(default="normal", metadata={
         "help": "initial decoder atoms: 'normal' (Gaussian rows, normalised) or 'orthogonal' "
@@ -49,24 +53,39 @@ class SAEOptions:
         "help": "initial decoder bias (topk: the bias b subtracted before encoding): 'none' (zeros), "
                 "'mean' or 'median' (geometric median) of a sample of training rows",
         "choices": ("none", "mean", "median")})
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+
+
+@dataclass
+class ReluL1Options(SAEOptions):
+    """relu-l1's options."""
+
     decoder_bias: bool = field(default=True, metadata={
         "help": "relu-l1: learn a decoder bias (x̂ = W_d c + b); off gives the report's x̂ = W_d c"})
     l1_reduction: str = field(default="sum", metadata={
         "help": "relu-l1: the L1 term of a row is the 'sum' of |c| over latents (α·mean_b‖c_b‖₁), or the "
                 "'mean' over latents (α·mean_b‖c_b‖₁/m, the public replication's choice)",
         "choices": ("sum", "mean")})
+
+
+@dataclass
+class TopKOptions(SAEOptions):
+    """topk's options (AuxK, Gao et al. 2024)."""
+
     auxk_alpha: float = field(default=1 / 32, metadata={"help": "topk: weight of the AuxK loss on dead latents"})
     auxk_k: int = field(default=0, metadata={"help": "topk: latents used by AuxK (0: d/2, at most m)"})
     auxk_dead_rows: int = field(default=200_000, metadata={
         "help": "topk: a latent is dead (and trained by AuxK) after this many training rows without firing"})
 
     def __post_init__(self):
-        for name in ("decoder_init", "encoder_init", "pre_bias", "l1_reduction"):
-            choices = SAEOptions.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        super().__post_init__()
         if self.auxk_alpha < 0 or self.auxk_k < 0 or self.auxk_dead_rows <= 0:
-            raise ValueError("auxk_alpha and auxk_k must be >= 0 and auxk_dead_rows > 0")
+            raise ConfigError("auxk_alpha and auxk_k must be >= 0 and auxk_dead_rows > 0")
 
 
 def member_generator(seed: int, size: int, d: int) -> torch.Generator:
@@ -118,20 +137,40 @@ class SAE(torch.nn.Module):
 
     name: ClassVar[str] = ""
     sparsity_name: ClassVar[str] = ""  # what the per-member sparsity setting is: "l1" or "k"
+    Options: ClassVar[type[SAEOptions]] = SAEOptions  # this architecture's options
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.name:
+            if cls.name in ARCHITECTURES:  # a silent overwrite would swap the class every sweep uses
+                raise ConfigError(f"architecture {cls.name!r} is already registered "
+                                  f"({ARCHITECTURES[cls.name].__qualname__}); choose another name")
             ARCHITECTURES[cls.name] = cls
 
-    def __init__(self, d: int, size: int, sparsities: list[float], seeds: list[int], options: SAEOptions,
-                 bias: torch.Tensor | None = None):
+    @classmethod
+    def build_options(cls, given: SAEOptions | dict | None = None) -> SAEOptions:
+        """This architecture's options from a dict (unknown keys refused), from the shared base options
+        (the rest at their defaults), or the defaults."""
+        if isinstance(given, cls.Options):
+            return given
+        if isinstance(given, SAEOptions):
+            given = {f.name: getattr(given, f.name) for f in fields(SAEOptions)}
+        given = dict(given or {})
+        known = {f.name for f in fields(cls.Options)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ConfigError(f"{cls.name or cls.__name__} has no option {unknown[0]!r} (its options: "
+                              f"{', '.join(sorted(known))})")
+        return cls.Options(**given)
+
+    def __init__(self, d: int, size: int, sparsities: list[float], seeds: list[int],
+                 options: SAEOptions | dict | None = None, bias: torch.Tensor | None = None):
         super().__init__()
         if len(sparsities) != len(seeds) or not seeds:
             raise ValueError("one sparsity setting per seed, at least one member")
-        self.d, self.size, self.options = d, size, options
+        self.d, self.size, self.options = d, size, self.build_options(options)
         self.sparsities, self.seeds = [float(s) for s in sparsities], [int(s) for s in seeds]
-        inits = [initial_weights(d, size, s, options) for s in seeds]
+        inits = [initial_weights(d, size, s, self.options) for s in seeds]
         G = len(seeds)
         self.encoder = torch.nn.Parameter(torch.stack([w["encoder"] for w in inits]))
         self.encoder_bias = torch.nn.Parameter(torch.zeros(G, size))
@@ -246,6 +285,7 @@ class ReluL1(SAE):
 
     name = "relu-l1"
     sparsity_name = "l1"
+    Options = ReluL1Options
 
     def uses_decoder_bias(self) -> bool:
         return self.options.decoder_bias
@@ -273,6 +313,7 @@ class TopK(SAE):
 
     name = "topk"
     sparsity_name = "k"
+    Options = TopKOptions
 
     def __init__(self, d, size, sparsities, seeds, options, bias=None):
         ks = [int(k) for k in sparsities]
@@ -281,7 +322,7 @@ class TopK(SAE):
         super().__init__(d, size, ks, seeds, options, bias)
         self.ks = [min(k, size) for k in ks]  # k ≥ m keeps every latent: no sparsity, but well defined
         self.k_max = max(self.ks)
-        self.k_aux = min(options.auxk_k or max(1, d // 2), size)
+        self.k_aux = min(self.options.auxk_k or max(1, d // 2), size)
         # rank r of member g's top-k list is kept iff r < k_g (members of one stack may differ in k)
         self.register_buffer("rank_mask", (torch.arange(self.k_max)[None, :] < torch.tensor(self.ks)[:, None])
                              .float()[:, None, :])

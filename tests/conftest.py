@@ -132,3 +132,34 @@ def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.run([sys.executable, "-m", "sparsefeat.cli", *map(str, argv)], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def kill_when():
+    """kill_when(code, ready=None, args=(), timeout=120) runs `python -c code args...` and SIGKILLs it
+    as soon as `ready()` is true (polled every 10 ms); with `ready=None` the child is expected to
+    SIGKILL itself (a hook in `code` that dies in the middle of a write). Fails unless the child ends
+    by SIGKILL: a child that finishes or fails by itself was not killed where the test meant."""
+
+    def run(code: str, ready=None, args=(), timeout: float = 120.0) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None:
+                if ready is not None and ready():
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail("the child was not killed in time")
+                time.sleep(0.01)
+            code_ = proc.wait(timeout=30)
+            if code_ != -signal.SIGKILL:
+                pytest.fail(f"child ended with {code_}, not by SIGKILL: {proc.stderr.read().decode()[-2000:]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+
+    return run

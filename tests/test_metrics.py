@@ -108,3 +108,23 @@ def test_inputs_are_not_modified_and_torch_or_numpy_agree():
     a0 = a.copy()
     assert M.mmcs(a, b) == pytest.approx(M.mmcs(torch.from_numpy(a), torch.from_numpy(b)))
     assert np.array_equal(a, a0)
+
+
+def test_running_metrics_over_batches_equal_the_functions_on_all_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g)
+    codes = torch.relu(torch.randn(2, 50, 9, generator=g))  # two dictionaries of 9 latents
+    codes[:, :, 8] = 0  # one dead latent in each
+    x_hat = codes @ torch.randn(2, 9, 6, generator=g)
+    run = M.RunningMetrics()
+    sse = torch.cat([run.add(x[i:i + 16], x_hat[:, i:i + 16], codes[:, i:i + 16]) for i in range(0, 50, 16)], dim=1)
+    got = run.result()
+    for k in range(2):
+        assert got["mse"][k] == pytest.approx(M.mse(x, x_hat[k]), rel=1e-6)
+        assert got["fvu"][k] == pytest.approx(M.fvu(x, x_hat[k]), rel=1e-6)
+        assert got["l1"][k] == pytest.approx(M.l1(codes[k]), rel=1e-6)
+        assert got["l0"][k] == pytest.approx(M.l0(codes[k]), rel=1e-6)
+        assert got["shrinkage"][k] == pytest.approx(M.shrinkage(x, x_hat[k]), rel=1e-6)
+        assert got["dead_fraction"][k] == pytest.approx(M.dead_fraction(codes[k])) == pytest.approx(1 / 9)
+        torch.testing.assert_close(sse[k], M.row_sse(x, x_hat[k]))
+        np.testing.assert_allclose(run.frequency()[k], M.firing_counts(codes[k]).numpy() / 50)

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from sparsefeat.sae import (ARCHITECTURES, SAE, SAEOptions, ReluL1, TopK, architecture, geometric_median,
-                            initial_weights, pre_bias)
+from sparsefeat.errors import ConfigError
+from sparsefeat.sae import (ARCHITECTURES, SAE, ReluL1, ReluL1Options, SAEOptions, TopK, TopKOptions, architecture,
+                            geometric_median, initial_weights, pre_bias)
 
 D = 6
 
 
 def stack(cls=ReluL1, size=10, sparsities=(0.1, 0.5), seeds=(0, 1), **options):
-    return cls(D, size, list(sparsities), list(seeds), SAEOptions(**options))
+    return cls(D, size, list(sparsities), list(seeds), options)
 
 
 def test_registry_knows_both_and_a_new_architecture_is_one_class():
@@ -26,7 +27,7 @@ def test_registry_knows_both_and_a_new_architecture_is_one_class():
             return pre
 
     try:
-        sae = Identity(D, 4, [0.0], [0], SAEOptions())
+        sae = Identity(D, 4, [0.0], [0])
         x_hat, codes = sae(torch.randn(3, D))
         assert x_hat.shape == (1, 3, D) and codes.shape == (1, 3, 4)
         assert ARCHITECTURES["test-linear"] is Identity
@@ -58,7 +59,29 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="pre_bias must be one of"):
         SAEOptions(pre_bias="mode")
     with pytest.raises(ValueError, match="auxk_dead_rows"):
-        SAEOptions(auxk_dead_rows=0)
+        TopKOptions(auxk_dead_rows=0)
+    with pytest.raises(ConfigError, match="l1_reduction must be one of"):
+        ReluL1Options(l1_reduction="max")
+
+
+def test_each_architecture_owns_its_options_and_refuses_another_ones():
+    assert ReluL1.Options is ReluL1Options and TopK.Options is TopKOptions
+    assert isinstance(stack().options, ReluL1Options) and isinstance(stack(TopK, sparsities=(2, 3)).options, TopKOptions)
+    assert stack(TopK, sparsities=(2, 3), auxk_k=3).options.auxk_k == 3  # a dict of its own fields
+    shared = TopK.build_options(SAEOptions(pre_bias="none"))  # the shared fields, the rest at defaults
+    assert shared.pre_bias == "none" and shared.auxk_dead_rows == TopKOptions().auxk_dead_rows
+    with pytest.raises(ConfigError, match="relu-l1 has no option 'auxk_k'"):
+        stack(auxk_k=3)
+    with pytest.raises(ConfigError, match="topk has no option 'l1_reduction'"):
+        TopK.build_options({"l1_reduction": "mean"})
+
+
+def test_the_registry_refuses_a_second_architecture_of_the_same_name():
+    with pytest.raises(ConfigError, match="architecture 'topk' is already registered"):
+        class Impostor(SAE):
+            name = "topk"
+            sparsity_name = "k"
+    assert ARCHITECTURES["topk"] is TopK
 
 
 def test_relu_l1_forward_and_loss_by_hand():

@@ -139,12 +139,15 @@ def test_results_file_holds_what_the_analysis_needs(toy_sweep, toy_store):
 
 
 def test_stored_metrics_equal_the_metric_functions_on_the_whole_split(toy_sweep, toy_store):
+    from sparsefeat.load import load_sae
     r = toy_sweep
     with ActivationStore(toy_store) as s:
-        x = s.load("x", "test") * r.normalisation_scale
+        raw = s.load("x", "test")
+    x = raw * r.normalisation_scale  # metrics are in the trainer's normalised units
     for m in r.members[::3]:
-        c = torch.relu(x @ torch.from_numpy(r.encoder(m.id)).T + torch.from_numpy(r.encoder_bias(m.id)))
-        x_hat = c @ torch.from_numpy(r.decoder(m.id)) + torch.from_numpy(r.decoder_bias(m.id))
+        with torch.no_grad():
+            x_hat, c = load_sae(r, m.id)(raw)
+        x_hat = x_hat * r.normalisation_scale
         got = m.metrics["test"]
         assert got["mse"] == pytest.approx(M.mse(x, x_hat), rel=1e-4)
         assert got["fvu"] == pytest.approx(M.fvu(x, x_hat), rel=1e-4)
@@ -154,6 +157,61 @@ def test_stored_metrics_equal_the_metric_functions_on_the_whole_split(toy_sweep,
         assert got["loss"] == pytest.approx(M.mse(x, x_hat) + m.sparsity * M.l1(c), rel=1e-4)
         assert got["dead_fraction"] == pytest.approx(M.dead_fraction(c))
         np.testing.assert_allclose(r.row_sse(m.id, "test"), M.row_sse(x, x_hat).numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["relu-l1", "topk"])
+def test_load_sae_reproduces_the_trainers_members_on_raw_rows(small_store, tmp_path, arch):
+    from sparsefeat.load import load_sae
+    from sparsefeat.train import Sweep
+    cfg = small_config(arch=arch, k=[2, 3], steps=80, model={"auxk_dead_rows": 640} if arch == "topk" else {})
+    with ActivationStore(small_store) as s:
+        sweep = Sweep(s, cfg, tmp_path / "r.h5", progress=False)
+        path = sweep.run()
+        raw = s.load("x", "test")
+    assert sweep.scale != 1.0  # the loaded module must apply the input normalisation itself
+    with torch.no_grad(), load_results(path) as r:
+        for st, specs in zip(sweep.stacks, sweep.stack_specs):
+            x_hat, codes = st(raw * sweep.scale)  # the trainer's own modules, normalised units
+            for g, spec in enumerate(specs):
+                sae = load_sae(path, spec.id)
+                got_hat, got_codes = sae(raw)
+                torch.testing.assert_close(got_codes, codes[g])
+                torch.testing.assert_close(got_hat * sweep.scale, x_hat[g])
+                torch.testing.assert_close(sae.decode(sae.encode(raw)), got_hat)
+                stored = r.row_sse(spec.id, "test")
+                np.testing.assert_allclose(M.row_sse(raw * sweep.scale, got_hat * sweep.scale).numpy(), stored,
+                                           rtol=1e-4, atol=1e-6)
+                if arch == "topk":
+                    assert ((got_codes != 0).sum(-1) <= spec.sparsity).all()
+
+
+def test_results_store_the_documents_of_the_test_rows_and_count_needs_no_store(tmp_path):
+    from sparsefeat.count import test_documents
+    n, d = 1200, 8
+    docs = np.repeat(np.arange(n // 40), 40)
+    test = np.isin(docs, np.arange(0, n // 40, 5)).astype(np.uint8)  # whole documents held out
+    store = tmp_path / "model.h5"
+    with StoreWriter(store, sites={"x": d}, provenance={"test": 1}, kind="model", tokens=True,
+                     split_unit="document") as w:
+        w.append({"x": np.random.default_rng(0).normal(size=(n, d))}, test=test,
+                 tokens=dict(doc=docs, pos=np.arange(n) % 40, ids=np.zeros(n, np.int64)))
+    r = load_results(train_sweep(store, small_config(steps=20, sizes=["8"], l1=[0.1], seeds=[0]), tmp_path / "r.h5",
+                                 progress=False))
+    np.testing.assert_array_equal(r.test_documents, docs[test == 1])
+    store.unlink()  # the store moved away: the results file still knows the documents
+    np.testing.assert_array_equal(test_documents(r, int(test.sum())), docs[test == 1])
+
+
+def test_version_1_results_files_are_still_read(small_store, tmp_path):
+    import h5py
+    path = train_sweep(small_store, small_config(steps=20, sizes=["8"], l1=[0.1], seeds=[0]), tmp_path / "v1.h5",
+                       progress=False)
+    with h5py.File(path, "a") as f:  # what version 1 wrote: no thresholds, no test documents
+        f.attrs["format_version"] = 1
+        del f.attrs["signal_thresholds"]
+    with load_results(path) as r:
+        assert r.signal_thresholds == {"match": 0.9, "seed": 0.7} and r.test_documents is None
+        assert r.decoder(r.members[0].id).shape == (8, 8)
 
 
 def test_inputs_are_scaled_to_unit_mean_squared_norm(toy_sweep, toy_store):
@@ -190,7 +248,7 @@ def assert_same_member(a, b, ma, mb):
 
 @pytest.mark.parametrize("arch", ["relu-l1", "topk"])
 def test_a_member_trained_in_a_sweep_equals_it_trained_alone(small_store, tmp_path, arch):
-    kw = dict(arch=arch, k=[2, 4], model={"auxk_dead_rows": 640})
+    kw = dict(arch=arch, k=[2, 4], model={"auxk_dead_rows": 640} if arch == "topk" else {})
     sweep = load_results(train_sweep(small_store, small_config(**kw), tmp_path / "sweep.h5", progress=False))
     member = [m for m in sweep.members if m.dictionary_size == 16 and m.seed == 1][-1]  # the 2nd sparsity
     solo_cfg = small_config(sizes=["16"], seeds=[1], l1=[member.sparsity], k=[int(member.sparsity)], arch=arch,
@@ -238,6 +296,83 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(small_store, tmp_pa
     whole = load_results(train_sweep(small_store, SweepConfig(**cfg), tmp_path / "whole.h5", progress=False))
     for ma, mb in zip(whole.members, resumed.members):
         assert_same_member(whole, resumed, ma, mb)
+
+
+# A sweep with every default setting (test-curve points at steps 600, 1200, ..., checkpoints every 1000
+# steps of 3000), killed at one point and resumed. Each hook makes the child SIGKILL itself at an exact
+# place, so the test is deterministic; "after-first-checkpoint" is killed from outside instead.
+DEFAULT_RUN = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+import sparsefeat.train as T, sparsefeat.results as R
+from sparsefeat.train import SweepConfig, train_sweep
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+{hook}
+train_sweep(sys.argv[1], SweepConfig(), sys.argv[2], resume=True, progress=False)
+"""
+
+KILL_HOOKS = {
+    # mid-training, past a test-curve point and a checkpoint (the run that issue 8 could not resume)
+    "training-step-1737": """
+step_on = T.Sweep.step_on
+def hooked(self, batch):
+    if self.step == 1737:
+        die()
+    return step_on(self, batch)
+T.Sweep.step_on = hooked
+""",
+    # half-way through writing the second checkpoint: the first must survive and be used
+    "checkpoint-write": """
+save, calls = torch.save, []
+def hooked(obj, f, *a, **kw):
+    calls.append(1)
+    save(obj, f, *a, **kw)
+    if len(calls) == 2:
+        os.truncate(f, os.path.getsize(f) // 2)
+        die()
+torch.save = hooked
+""",
+    # while the results file is being written (third member): training must not be lost
+    "results-write": """
+write_member, calls = R._write_member, []
+def hooked(*a, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+        die()
+    return write_member(*a, **kw)
+R._write_member = hooked
+""",
+    "after-first-checkpoint": "",
+}
+
+
+@pytest.fixture(scope="module")
+def default_store(tmp_path_factory):
+    return write_toy("sparse", tmp_path_factory.mktemp("default") / "toy.h5", n_samples=3000, seed=5,
+                     n_features=16, d=8, mean_active=2.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def default_sweep(default_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default-sweep") / "whole.h5"
+    return load_results(train_sweep(default_store, SweepConfig(), out, progress=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_HOOKS))
+def test_default_sweep_killed_anywhere_resumes_to_the_uninterrupted_result(default_store, default_sweep, tmp_path,
+                                                                           point, kill_when):
+    out, ckpt = tmp_path / "killed.h5", checkpoint_path(tmp_path / "killed.h5")
+    ready = (lambda: ckpt.exists()) if point == "after-first-checkpoint" else None
+    kill_when(DEFAULT_RUN.format(hook=KILL_HOOKS[point]), ready, args=(default_store, out))
+    assert not out.exists(), "the run finished before it was killed"
+    state = torch.load(ckpt, weights_only=True)  # what the resume will read: plain tensors and values only
+    assert state["step"] >= 1000 and len(state["curves"][default_sweep.members[0].id]["test"]) >= 1
+    resumed = load_results(train_sweep(default_store, SweepConfig(), out, resume=True, progress=False))
+    for ma, mb in zip(default_sweep.members, resumed.members):
+        assert_same_member(default_sweep, resumed, ma, mb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.h5"]  # no checkpoint, lock or temporary left
 
 
 # ---- bad input: a clear one-line error and nothing lost ---------------------------------------------
@@ -310,6 +445,151 @@ def test_nan_loss_stops_with_member_and_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(SparsefeatError, match="cannot resume with a different lr"):
         train_sweep(store, changed, out, resume=True, progress=False)
     assert checkpoint_path(out).exists()
+
+
+FULL_DISK_RUN = """
+import contextlib, io, json, os, shutil, sys, torch
+torch.set_num_threads(1)
+from sparsefeat.cli import main
+store, disk, outside = sys.argv[1:4]
+out = os.path.join(disk, "sweep.h5")
+save, calls = torch.save, []
+def hooked(obj, f, *a, **kw):  # fill the disk once the chosen checkpoint is written
+    save(obj, f, *a, **kw)
+    calls.append(1)
+    if len(calls) == {fill_after}:
+        st = os.statvfs(disk)
+        with open(os.path.join(disk, "filler"), "wb") as fill:
+            fill.write(b"x" * max(0, st.f_bavail * st.f_frsize - 2048))
+torch.save = hooked
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["sweep", store, "--out", out, "--no-progress"])
+ckpt = os.path.join(disk, "sweep.h5.ckpt")
+report = dict(code=code, err=err.getvalue(), files=sorted(os.listdir(disk)),
+              step=int(torch.load(ckpt, weights_only=True)["step"]) if os.path.exists(ckpt) else None)
+os.remove(os.path.join(disk, "filler"))  # free the space, then resume as the message advises
+torch.save = save
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    report["resumed"] = main(["sweep", store, "--out", out, "--no-progress", "--resume"])
+shutil.copy(out, os.path.join(outside, "resumed.h5"))
+json.dump(report, open(os.path.join(outside, "report.json"), "w"))
+"""
+
+
+def run_on_small_disk(code: str, args, disk, size="4m"):
+    """Run `python -c code args` with a tmpfs of `size` mounted on `disk` (its own mount namespace)."""
+    import os
+    import shlex
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} || exit 99; exec {sys.executable} "
+              f"-c {shlex.quote(code)} " + " ".join(shlex.quote(str(a)) for a in args))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("needs unshare to mount a small tmpfs")
+    if proc.returncode == 99 or b"unshare:" in proc.stderr[:200]:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode()[:200]}")
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fill_after,kept_step,where", [(1, 1000, "sweep.h5.ckpt"), (3, 3000, "sweep.h5")])
+def test_full_disk_at_a_checkpoint_or_the_final_write_is_one_line_and_resumes(default_store, default_sweep,
+                                                                              tmp_path, fill_after, kept_step, where):
+    code = FULL_DISK_RUN.replace("{fill_after}", str(fill_after))
+    run_on_small_disk(code, [default_store, tmp_path / "disk", tmp_path], tmp_path / "disk")
+    report = json.loads((tmp_path / "report.json").read_text())
+    err = report["err"]
+    assert report["code"] == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{where}: no space left" in err and "--resume" in err, err
+    assert report["step"] == kept_step and "sweep.h5" not in report["files"]  # the last checkpoint is kept
+    assert report["resumed"] == 0
+    resumed = load_results(tmp_path / "resumed.h5")
+    for ma, mb in zip(default_sweep.members, resumed.members):
+        assert_same_member(default_sweep, resumed, ma, mb)
+
+
+def test_a_sweep_too_large_for_memory_is_refused_before_allocating(small_store, tmp_path, capsys):
+    out = tmp_path / "huge.h5"
+    args = ["sweep", str(small_store), "--sizes", "100000000", "--seeds", "0", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "this sweep needs about" in err and "weights and Adam state" in err
+    assert "available; use smaller --sizes" in err
+    assert not out.exists() and not checkpoint_path(out).exists()
+    assert main(["sweep", str(small_store), "--sizes", "8", "--seeds", "0", "--steps", "20", "--out", str(out)]) == 0
+    startup = capsys.readouterr().err.splitlines()[0]  # the start-up line states the estimate
+    assert startup.startswith("sweep small:x: 1 members (sizes 8), 20 steps on cpu; memory about ")
+    assert "codes per batch" in startup and "evaluation" in startup
+
+
+def test_the_store_is_never_the_output_even_with_force(small_store, tmp_path, digest):
+    before = digest(small_store)
+    for extra in ([], ["--force"], ["--resume"]):
+        with pytest.raises(SparsefeatError, match="is also an input"):
+            train_sweep(small_store, small_config(), small_store, force="--force" in extra,
+                        resume="--resume" in extra, progress=False)
+    assert digest(small_store) == before
+
+
+def test_two_sweeps_cannot_write_the_same_results_file(small_store, tmp_path):
+    from sparsefeat.files import WriterLock
+    out = tmp_path / "locked.h5"
+    with WriterLock(out, what="results file"):  # another sweep writing this file right now
+        with pytest.raises(SparsefeatError, match="another process is writing this results file"):
+            train_sweep(small_store, small_config(), out, force=True, progress=False)
+        with pytest.raises(SparsefeatError, match="another process is writing"):
+            train_sweep(small_store, small_config(), out, resume=True, progress=False)
+    assert not out.exists()
+    train_sweep(small_store, small_config(steps=20, sizes=["8"]), out, progress=False)  # free again
+    assert out.exists() and not (tmp_path / "locked.h5.lock").exists()
+
+
+def test_topk_with_k_not_below_the_dictionary_size_is_refused(small_store, tmp_path):
+    with pytest.raises(SparsefeatError, match=r"k=16 needs dictionaries larger than k, but one has 8 latents"):
+        train_sweep(small_store, small_config(arch="topk", k=[2, 16], sizes=["8", "32"]), tmp_path / "k.h5",
+                    progress=False)
+    with pytest.raises(SparsefeatError, match=r"k=8 .* one has 8 latents"):
+        train_sweep(small_store, small_config(arch="topk", k=[8], sizes=["8"]), tmp_path / "k.h5", progress=False)
+    assert not (tmp_path / "k.h5").exists()
+
+
+def test_an_unfinished_store_is_refused_with_advice_to_resume_it(tmp_path):
+    from sparsefeat.store import partial_path
+    w = StoreWriter(tmp_path / "cut.h5", sites={"x": 8}, provenance={"test": 1})
+    w.append({"x": np.random.default_rng(0).normal(size=(600, 8))}, test=split_rows(600, 0.2, 0))
+    w.close(complete=False)
+    with pytest.raises(SparsefeatError, match=r"cut\.h5\.partial: is an unfinished store.*resume the store first"):
+        train_sweep(partial_path(tmp_path / "cut.h5"), small_config(), tmp_path / "out.h5", progress=False)
+    assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan-decoder", "decoder holds NaN or Inf values"),
+    ("shape-decoder", "decoder has shape (8, 7), expected (8, 8)"),
+    ("no-metrics", "has no metrics group"),
+])
+def test_damaged_results_files_are_one_line_errors_for_count_and_plot(small_store, tmp_path, capsys, damage,
+                                                                      message):
+    import h5py
+    path = train_sweep(small_store, small_config(steps=40, sizes=["8", "16"], l1=[0.1]), tmp_path / "r.h5",
+                       progress=False)
+    member = "m=8,l1=0.1,seed=0"
+    with h5py.File(path, "a") as f:
+        g = f["members"][member]
+        if damage == "nan-decoder":
+            g["decoder"][0, 0] = np.nan
+        elif damage == "shape-decoder":
+            del g["decoder"]
+            g["decoder"] = np.zeros((8, 7), np.float32)
+        else:
+            del g["metrics"]
+    for command in (["count", str(path)], ["plot", str(path), "--out", str(tmp_path / "fig")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "r.h5" in err, err
 
 
 # ---- small pieces --------------------------------------------------------------------------------
@@ -397,10 +677,9 @@ def test_cuda_step_loop_never_waits_for_the_device(toy_store, tmp_path, arch):
     cfg = SweepConfig(sizes=["32", "64"], arch=arch, k=[4], seeds=[0, 1], steps=100, device="cuda",
                       model={"auxk_dead_rows": 256})
     with ActivationStore(toy_store) as s:
-        sweep = Sweep(s, cfg, tmp_path / "x.h5", progress=False)
-        sweep.start(resume=False, force=False)
+        sweep = Sweep(s, cfg, tmp_path / "x.h5", force=False, progress=False)
         sweep.train(until=10)  # warm-up, and (topk) a log that switches AuxK on for dead latents
-        batches = [b for b, _ in zip(sweep._batches, range(20))]
+        batches = [b for b, _ in zip(sweep.stream, range(20))]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -408,6 +687,29 @@ def test_cuda_step_loop_never_waits_for_the_device(toy_store, tmp_path, arch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(per_member).all() for step in losses for per_member in step)
+
+
+def test_signal_thresholds_are_the_counts_and_recorded_in_the_file(toy_sweep):
+    from sparsefeat.count import CountConfig
+    from sparsefeat.signals import SignalThresholds
+    assert toy_sweep.signal_thresholds == {"match": CountConfig().match_floor, "seed": 0.7}
+    assert SignalThresholds.from_count_config(CountConfig(match_floor=0.5)).match == 0.5
+    specs = [MemberSpec("relu-l1", 2, 0.3, 0), MemberSpec("relu-l1", 3, 0.3, 0)]
+    a, b = np.eye(4)[:2], np.array([[0.8, 0.6, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])  # cosines 0.8 and 1
+    weights = {specs[0].id: {"decoder": a, "encoder": a}, specs[1].id: {"decoder": b, "encoder": b}}
+    _, strict = cross_member_signals(specs, weights, None, thresholds=SignalThresholds(match=0.9))
+    _, loose = cross_member_signals(specs, weights, None, thresholds=SignalThresholds(match=0.75))
+    assert strict[specs[0].id]["share_next_0_9"] == 0.5 and loose[specs[0].id]["share_next_0_9"] == 1.0
+
+
+def test_results_hold_one_handle_until_closed(toy_sweep):
+    with load_results(toy_sweep.path) as r:
+        first = r.decoder(r.members[0].id)
+        handle = r._file
+        r.encoder(r.members[1].id), r.row_sse(r.members[2].id, "test")
+        assert r._file is handle and handle.id.valid  # no reopening per array
+        np.testing.assert_array_equal(r.decoder(r.members[0].id), first)
+    assert r._file is None and not handle.id.valid
 
 
 def test_mmcs_with_the_next_size_ignores_dead_atoms():

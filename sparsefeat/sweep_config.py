@@ -1,0 +1,141 @@
+"""What a sweep is: its settings (`SweepConfig`, the single source of their defaults), dictionary sizes
+("256", "2x") and the members they expand to (`MemberSpec`: architecture, size, sparsity, seed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .sae import ARCHITECTURES, SAEOptions, architecture
+
+DEFAULT_STEPS = 3000
+
+
+@dataclass
+class SweepConfig:
+    """Everything that defines a sweep (the single source of its defaults)."""
+
+    site: str | None = field(default=None, metadata={"help": "store site to train on (default: its only site)"})
+    sizes: list[str] = field(default_factory=lambda: ["0.5x", "1x", "2x", "4x", "8x"], metadata={
+        "help": "dictionary sizes: absolute (256) or ratios of the width d (0.5x, 2x)"})
+    arch: str = field(default="relu-l1", metadata={
+        "help": "architecture, a name in sparsefeat.sae.ARCHITECTURES (relu-l1, topk, or one you register)"})
+    l1: list[float] = field(default_factory=lambda: [0.3], metadata={
+        "help": "relu-l1: L1 coefficients α (see --l1-reduction)"})
+    k: list[int] = field(default_factory=lambda: [16], metadata={"help": "topk: active latents per row"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={
+        "help": "initialisation seeds (two or more give the cross-seed agreement every count needs)"})
+    steps: int | None = field(default=None, metadata={
+        "help": f"training steps (default {DEFAULT_STEPS} when --epochs is not given)"})
+    epochs: float | None = field(default=None, metadata={"help": "train for this many passes over the train split"})
+    batch_size: int = field(default=256, metadata={"help": "rows per training step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "learning rate after warm-up: constant, or linear/cosine decay to 0 at the last step",
+        "choices": ("constant", "linear", "cosine")})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warm-up from 0"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the batch order (shared by all members)"})
+    normalise: bool = field(default=True, metadata={
+        "help": "scale inputs by one factor so that E|x|^2 = 1 on the initial sample (metrics are in these units)"})
+    sample_rows: int = field(default=65536, metadata={
+        "help": "training rows sampled once for the input scale and the initial bias"})
+    log_every: int = field(default=100, metadata={
+        "help": "steps between loss logs (the only points where the host waits for the device)"})
+    test_curve_points: int = field(default=5, metadata={"help": "test-loss evaluations during training"})
+    test_curve_rows: int = field(default=4096, metadata={"help": "test rows used for each test-curve point"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints (0: none)"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, cuda:1, ..."})
+    bf16: bool = field(default=False, metadata={"help": "CUDA only: bfloat16 autocast for the matmuls"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training step (mainly for GPU)"})
+    prefetch: int = field(default=2, metadata={
+        "help": "CUDA: batches read ahead into pinned memory by a background thread (0: none); on CPU batches "
+                "are read inline (a reader thread only competes with the step for the interpreter lock)"})
+    label: str | None = field(default=None, metadata={
+        "help": "name of this dataset in tables and plots (default: <store stem>:<site>)"})
+    model: SAEOptions | dict | None = field(default=None, metadata={
+        "help": "the architecture's options: its `Options` dataclass, or a dict of its fields (default: defaults)"})
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {self.arch!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+        self.model = architecture(self.arch).build_options(self.model)
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give --steps or --epochs, not both")
+        for name in ("steps", "epochs"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name} must be positive, got {v}")
+        for name in ("batch_size", "sample_rows", "log_every", "test_curve_rows"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "test_curve_points", "checkpoint_every", "prefetch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        for s in self.sizes:
+            _size_value(s)  # the form and sign now; whole latents once d is known
+        if not self.sizes or not self.seeds or not self.sparsities:
+            raise ConfigError("a sweep needs at least one size, one seed and one sparsity setting")
+        if any(not (math.isfinite(s) and s >= 0) for s in self.sparsities):
+            raise ConfigError(f"sparsity settings must be finite and >= 0, got {self.sparsities}")
+        if self.arch == "topk" and any(int(k) != k or k < 1 for k in self.k):
+            raise ConfigError(f"k must be positive whole numbers, got {self.k}")
+
+    @property
+    def sparsities(self) -> list[float]:
+        return [float(v) for v in (self.l1 if architecture(self.arch).sparsity_name == "l1" else self.k)]
+
+    def resolved_sizes(self, d: int) -> list[int]:
+        """Dictionary sizes in latents, sorted and without repeats ("2x" with d = 384 -> 768)."""
+        return sorted({parse_size(s, d) for s in self.sizes})
+
+    def members(self, d: int) -> list[MemberSpec]:
+        """Every member of the sweep, ordered by sparsity, seed, then size."""
+        specs = [MemberSpec(self.arch, m, s, seed)
+                 for s in dict.fromkeys(self.sparsities) for seed in dict.fromkeys(self.seeds)
+                 for m in self.resolved_sizes(d)]
+        for s in specs:
+            if s.sparsity_name == "k" and s.sparsity >= s.size:
+                raise ConfigError(f"topk with k={s.sparsity:g} needs dictionaries larger than k, but one has "
+                                  f"{s.size} latents (every latent would fire: no sparsity); use a smaller --k "
+                                  "or larger --sizes")
+        return specs
+
+
+def _size_value(text) -> tuple[float, bool]:
+    """'256' -> (256, False); '2x' -> (2.0, True). Raises ValueError unless a positive number."""
+    s = str(text).strip().lower()
+    try:
+        value, ratio = (float(s[:-1]), True) if s.endswith("x") else (int(s), False)
+    except ValueError:
+        raise ConfigError(f"dictionary size {text!r} is neither a whole number nor a ratio like 2x") from None
+    if not value > 0:
+        raise ConfigError(f"dictionary size must be positive, got {text!r}")
+    return value, ratio
+
+
+def parse_size(text, d: int) -> int:
+    """'256' -> 256; '2x' -> 2·d; '0.5x' -> d/2 (rounded). Raises ValueError unless at least one latent."""
+    value, ratio = _size_value(text)
+    m = round(value * d) if ratio else int(value)
+    if m <= 0:
+        raise ConfigError(f"dictionary size must be positive, got {text!r} (= {m} latents at d = {d})")
+    return m
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    arch: str
+    size: int
+    sparsity: float
+    seed: int
+
+    @property
+    def sparsity_name(self) -> str:
+        return architecture(self.arch).sparsity_name
+
+    @property
+    def id(self) -> str:
+        return f"m={self.size},{self.sparsity_name}={self.sparsity:g},seed={self.seed}"
