@@ -245,6 +245,7 @@ def test_random_init_differs_from_trained_and_is_reproducible_by_seed(tmp_path, 
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, kill_after_commit):
     options = dict(max_documents=60, max_tokens=2000, max_length=64, block_tokens=200, batch_size=8,
                    layers=[0, 3], device="cpu")

@@ -3,6 +3,8 @@ atomically, never over an existing figure without force."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,8 @@ def test_plot_command_writes_the_figures(study_files, tmp_path, capsys):  # noqa
     from sparsefeat import cli
     assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs"), "--bootstrap", "20"]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 2 * len(plots.FIGURES) and all((tmp_path / "figs" / p).exists() or p for p in printed)
+    want = {f"{name}.{ext}" for name in plots.FIGURES for ext in ("png", "pdf")}
+    assert len(printed) == len(want) and {Path(p).name for p in printed} == want
+    assert all(Path(p).parent == tmp_path / "figs" and Path(p).stat().st_size > 0 for p in printed)
     assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs")]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -4,7 +4,6 @@ re-runs that keep finished work, and a study config that fails in one line on a 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tomllib
 
@@ -14,14 +13,16 @@ from sparsefeat import cli
 from sparsefeat import run as study
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_study(tmp_path_factory):
+    """The whole quick study, run once per test session (about 50 s on 2 cores): its tests are slow."""
     out = tmp_path_factory.mktemp("study") / "quick"
     code = cli.main(["run", "--quick", "--out", str(out), "--no-progress"])
     assert code == 0
     return out
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_whole_folder(quick_study):
     out = quick_study
     assert {p.name for p in out.iterdir()} >= {"stores", "sweeps", "figures", "count.json", "report.md", "study.toml"}
@@ -36,6 +37,7 @@ def test_quick_study_writes_the_whole_folder(quick_study):
     assert study.to_toml(study.config_dict(again)) == (out / "study.toml").read_text()
 
 
+@pytest.mark.slow
 def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
     rows = json.loads((quick_study / "count.json").read_text())
     by = {(r["label"], r["sparsity"]): r for r in rows}
@@ -51,6 +53,7 @@ def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
     assert by[("gmm", 0.3)]["role"] == "control" and by[("null:sparse", 0.3)]["role"] == "null"
 
 
+@pytest.mark.slow
 def test_quick_study_report_answers_the_three_questions_with_numbers(quick_study):
     report = (quick_study / "report.md").read_text()
     sections = re.split(r"^## ", report, flags=re.M)
@@ -67,6 +70,7 @@ def test_quick_study_report_answers_the_three_questions_with_numbers(quick_study
     assert "```" in titled["The count"] and "minilm-random/resid_0" in titled["The count"]
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_stores_and_sweeps(quick_study):
     sweeps = sorted((quick_study / "sweeps").glob("*.h5"))
     before = {p: p.stat().st_mtime_ns for p in sweeps + sorted((quick_study / "stores").glob("*.h5"))}
@@ -75,6 +79,7 @@ def test_a_rerun_keeps_finished_stores_and_sweeps(quick_study):
     assert (quick_study / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_refuses_a_study_with_another_config(quick_study, tmp_path, capsys):
     cfg = tmp_path / "other.toml"
     cfg.write_text("[study]\ntoy_samples = 9000\n")
@@ -117,10 +122,15 @@ def test_a_missing_config_file_is_one_line(tmp_path, capsys):
     assert "nope.toml: no such file" in capsys.readouterr().err
 
 
-def test_threads_are_restored_after_a_study():
+def test_threads_are_pinned_for_a_study_and_restored_after():
     import torch
     before = torch.get_num_threads()
-    with study.torch_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    assert os.cpu_count()  # (the study pins one thread; the machine may have more)
+    try:
+        torch.set_num_threads(2)  # a count other than the study's, so pinning and restoring both show
+        with study.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with study.torch_threads(0):  # 0 leaves torch's own setting alone
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
