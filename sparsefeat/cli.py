@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -384,7 +386,9 @@ class PlotCommand(Command):
 
     def run(self, args):
         from . import count, plots
-        counts = count.count_results(args.results, config_from_args(count.CountConfig, args))
+        config = config_from_args(count.CountConfig, args)
+        plots.check_figures(args.out, plots.FIGURES, force=args.force)  # refused before the work, not after
+        counts = count.count_results(args.results, config)
         for path in plots.plot_all(counts, args.out, force=args.force):
             print(path)
         return 0
@@ -431,24 +435,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. User errors (`SparsefeatError`, an OSError on a path
+    the user gave) print one line and return 2; Ctrl-C returns 130; only a bug prints a traceback,
+    under a first line that says so."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    bad = next((a for a in argv if not _is_text(a)), None)
+    if bad is not None:  # a non-UTF-8 byte (surrogate-escaped by Python): refuse before any file is touched
+        _error("sparsefeat", f"{_printable(bad)}: not valid UTF-8 text; paths and values must be UTF-8")
+        return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and its one error line (or --help/--version)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
+    where = f"sparsefeat {args.command}"
     try:
         code = args._command.run(args)
     except SparsefeatError as e:
-        print(f"sparsefeat {args.command}: error: {e}", file=sys.stderr)
+        _error(where, str(e))
         return 2
     except KeyboardInterrupt:
-        print(f"sparsefeat {args.command}: interrupted", file=sys.stderr)
+        _error(where, "interrupted")
         return 130
     except BrokenPipeError:
         # `sparsefeat inspect FILE | head`: the reader left; say nothing more and exit quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if e.filename is None:
+            return _internal_error(where)
+        _error(where, _describe_os_error(e))
+        return 2
+    except Exception:
+        return _internal_error(where)
     return int(code or 0)
+
+
+def _is_text(arg: str) -> bool:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """`text` safe to print on any terminal: undecodable bytes as \\xNN, no colour codes, one line."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    return " ".join(text.split("\n")).strip()
+
+
+def _error(where: str, message: str) -> None:
+    print(f"{where}: error: {_printable(message)}", file=sys.stderr)
+
+
+def _describe_os_error(e: OSError) -> str:
+    """One line for an OSError on a path the user gave (reading or writing)."""
+    from .files import describe_os_error
+    path = _printable(os.fsdecode(e.filename))
+    if isinstance(e, FileNotFoundError):
+        return f"{path}: no such file or folder"
+    if isinstance(e, IsADirectoryError):
+        return f"{path}: is a folder, not a file"
+    return describe_os_error(path, e)
+
+
+def _internal_error(where: str) -> int:
+    print(f"{where}: internal error (a bug in sparsefeat, not in your input; please report it with the "
+          "traceback below)", file=sys.stderr)
+    traceback.print_exc()
+    return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .device import resolve_device
 from .errors import SparsefeatError
+from .files import check_output
 from .store import StoreWriter, split_documents
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -630,9 +631,8 @@ def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = Fal
     by document. `resume=True` continues a killed harvest at its first uncommitted block and ends
     with the same store an uninterrupted run writes. Returns the path of the finished store.
     """
-    out = Path(out)
-    if out.exists() and not force and not resume:
-        raise HarvestError(f"{out}: already exists; pass --force to overwrite it")
+    # Before the model loads: an existing folder, a read-only folder, an existing store without --force.
+    out = check_output(out, force=force, allow_existing=resume)
     corpus = load_corpus(config.corpus, paragraphs=config.paragraphs, text_field=config.text_field)
     loaded = load_model(config.model, random_init=config.random_init, init_seed=config.init_seed,
                         device=config.device)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SparsefeatError
+from .files import check_folder_writable, write_text
 
 # --------------------------------------------------------------------------------------------
 # The study config
@@ -356,7 +357,7 @@ class Study:
     def analyse(self, sweeps: list[Path]) -> list:
         from . import count, plots
         counts = count.count_results(sweeps, count_config(self.config), progress=self.progress)
-        write_atomic(self.out / "count.json", json.dumps(count.to_json(counts), indent=2, allow_nan=False) + "\n")
+        write_text(self.out / "count.json", json.dumps(count.to_json(counts), indent=2, allow_nan=False) + "\n")
         plots.plot_all(counts, self.out / "figures", force=True)  # derived from this study's own sweeps
         return counts
 
@@ -400,27 +401,20 @@ def model_name(model: str) -> str:
     return "minilm" if model == "minilm" else Path(model).name.replace("/", "-")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def check_folder(out: Path, config_text: str, force: bool) -> None:
     """A folder holds one study: refuse to mix a different config into it without force."""
     previous = out / "study.toml"
-    if previous.exists() and not force and previous.read_text() != config_text:
+    if previous.exists() and not force and previous.read_bytes() != config_text.encode():
         raise SparsefeatError(f"{previous}: this folder holds a study with another config; "
                               "pass --force to redo it, or choose another --out")
 
 
 def run_study(config: StudyConfig, out: str | os.PathLike, *, force: bool = False, progress: bool = True) -> StudyResult:
     """Run every stage into `out` (see the module docstring for the folder) and return what it produced."""
-    out = Path(out)
+    out = check_folder_writable(out)  # a file, a read-only folder: refused before anything is written
     config_text = to_toml(config_dict(config))
     check_folder(out, config_text, force)
-    write_atomic(out / "study.toml", config_text)
+    write_text(out / "study.toml", config_text)
     study = Study(config, out, force=force, progress=progress)
     with torch_threads(config.study.threads):
         return study.run_all()
@@ -577,5 +571,5 @@ def write_report(out: Path, counts, timings: dict[str, float]) -> Path:
     for c in counts:
         text += [f"### {c.label} ({c.role}, {c.setting})", "", "```", size_table(c), "```", ""]
     path = out / "report.md"
-    write_atomic(path, "\n".join(text))
+    write_text(path, "\n".join(text))
     return path
