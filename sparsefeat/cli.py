@@ -87,6 +87,16 @@ def config_from_args(config_cls, args: argparse.Namespace, **overrides):
         raise SparsefeatError(str(e)) from None
 
 
+def add_common_flags(p: argparse.ArgumentParser, *, resume: str | None = None,
+                     force: str = "overwrite an existing output", progress: str = "show a progress bar") -> None:
+    """The flags every writing command shares, declared once: --resume (when the command can resume;
+    `resume` is its help), --force and --progress/--no-progress."""
+    if resume:
+        p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--force", action="store_true", help=force)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=progress)
+
+
 def print_json(obj) -> None:
     from .store import _json_default
     print(json.dumps(obj, indent=2, default=_json_default))
@@ -327,10 +337,7 @@ class HarvestCommand(Command):
         p.add_argument("--corpus", nargs="+", metavar="PATH", default=argparse.SUPPRESS,
                        help=HarvestConfig.__dataclass_fields__["corpus"].metadata["help"] + " (default: pydoc)")
         add_config_args(p, HarvestConfig, skip=("corpus",), group="harvest options")
-        p.add_argument("--resume", action="store_true", help="continue a killed harvest (same arguments)")
-        p.add_argument("--force", action="store_true", help="overwrite an existing store")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar")
+        add_common_flags(p, resume="continue a killed harvest (same arguments)", force="overwrite an existing store")
 
     def run(self, args):
         from .harvest import HarvestConfig, harvest
@@ -403,10 +410,10 @@ class RunCommand(Command):
         p.add_argument("--out", type=Path, required=True, help="study folder (stores/, sweeps/, figures/, ...)")
         p.add_argument("--config", type=Path, help="TOML study config overriding the defaults (see study.toml "
                                                    "in any study folder for every key)")
-        p.add_argument("--quick", action="store_true", help="a CI-sized study (about a minute on 2 CPU cores)")
-        p.add_argument("--force", action="store_true", help="redo every stage, overwriting the folder's outputs")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show progress bars (default: on)")
+        from .run import QUICK_DURATION
+        p.add_argument("--quick", action="store_true", help=f"a CI-sized study ({QUICK_DURATION})")
+        add_common_flags(p, force="redo every stage, overwriting the folder's outputs",
+                         progress="show progress bars (default: on)")
 
     def run(self, args):
         from . import run as study
