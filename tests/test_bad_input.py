@@ -268,6 +268,7 @@ def _with_file_size_limit(limit: int):
     return limit_files
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_plot_leaves_no_half_set_of_figures(originals, tmp_path):
     figs = tmp_path / "figs"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -284,6 +285,7 @@ def test_a_full_disk_during_plot_leaves_no_half_set_of_figures(originals, tmp_pa
     assert ok.returncode == 0, ok.stderr  # the same command with room to write succeeds
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     study = tmp_path / "study"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
