@@ -89,6 +89,7 @@ def test_frontier_figure_puts_each_data_set_beside_its_null(tmp_path):
     assert len(data.get_xdata()) == 2  # one point per sparsity setting
 
 
+@pytest.mark.slow
 def test_plot_all_writes_png_and_pdf_and_refuses_to_overwrite(counts, tmp_path):
     written = plots.plot_all(counts, tmp_path / "fig")
     assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in plots.FIGURES for e in ("png", "pdf"))
