@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -83,6 +85,16 @@ def config_from_args(config_cls, args: argparse.Namespace, **overrides):
         return config_cls(**given)
     except (TypeError, ValueError) as e:
         raise SparsefeatError(str(e)) from None
+
+
+def add_common_flags(p: argparse.ArgumentParser, *, resume: str | None = None,
+                     force: str = "overwrite an existing output", progress: str = "show a progress bar") -> None:
+    """The flags every writing command shares, declared once: --resume (when the command can resume;
+    `resume` is its help), --force and --progress/--no-progress."""
+    if resume:
+        p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--force", action="store_true", help=force)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=progress)
 
 
 def print_json(obj) -> None:
@@ -361,10 +373,7 @@ class HarvestCommand(Command):
         p.add_argument("--corpus", nargs="+", metavar="PATH", default=argparse.SUPPRESS,
                        help=HarvestConfig.__dataclass_fields__["corpus"].metadata["help"] + " (default: pydoc stdlib)")
         add_config_args(p, HarvestConfig, skip=("corpus",), group="harvest options")
-        p.add_argument("--resume", action="store_true", help="continue a killed harvest (same arguments)")
-        p.add_argument("--force", action="store_true", help="overwrite an existing store")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar")
+        add_common_flags(p, resume="continue a killed harvest (same arguments)", force="overwrite an existing store")
 
     def run(self, args):
         from .harvest import HarvestConfig, harvest
@@ -429,7 +438,9 @@ class PlotCommand(Command):
 
     def run(self, args):
         from . import count, plots
-        counts = count.count_results(args.results, config_from_args(count.CountConfig, args))
+        config = config_from_args(count.CountConfig, args)
+        plots.check_figures(args.out, plots.FIGURES, force=args.force)  # refused before the work, not after
+        counts = count.count_results(args.results, config)
         for path in plots.plot_all(counts, args.out, force=args.force):
             print(path)
         return 0
@@ -444,10 +455,10 @@ class RunCommand(Command):
         p.add_argument("--out", type=Path, required=True, help="study folder (stores/, sweeps/, figures/, ...)")
         p.add_argument("--config", type=Path, help="TOML study config overriding the defaults (see study.toml "
                                                    "in any study folder for every key)")
-        p.add_argument("--quick", action="store_true", help="a CI-sized study (about a minute on 2 CPU cores)")
-        p.add_argument("--force", action="store_true", help="redo every stage, overwriting the folder's outputs")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show progress bars (default: on)")
+        from .run import QUICK_DURATION
+        p.add_argument("--quick", action="store_true", help=f"a CI-sized study ({QUICK_DURATION})")
+        add_common_flags(p, force="redo every stage, overwriting the folder's outputs",
+                         progress="show progress bars (default: on)")
 
     def run(self, args):
         from . import run as study
@@ -476,24 +487,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. User errors (`SparsefeatError`, an OSError on a path
+    the user gave) print one line and return 2; Ctrl-C returns 130; only a bug prints a traceback,
+    under a first line that says so."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    bad = next((a for a in argv if not _is_text(a)), None)
+    if bad is not None:  # a non-UTF-8 byte (surrogate-escaped by Python): refuse before any file is touched
+        _error("sparsefeat", f"{_printable(bad)}: not valid UTF-8 text; paths and values must be UTF-8")
+        return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and its one error line (or --help/--version)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
+    where = f"sparsefeat {args.command}"
     try:
         code = args._command.run(args)
     except SparsefeatError as e:
-        print(f"sparsefeat {args.command}: error: {e}", file=sys.stderr)
+        _error(where, str(e))
         return 2
     except KeyboardInterrupt:
-        print(f"sparsefeat {args.command}: interrupted", file=sys.stderr)
+        _error(where, "interrupted")
         return 130
     except BrokenPipeError:
         # `sparsefeat inspect FILE | head`: the reader left; say nothing more and exit quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if e.filename is None:
+            return _internal_error(where)
+        _error(where, _describe_os_error(e))
+        return 2
+    except Exception:
+        return _internal_error(where)
     return int(code or 0)
+
+
+def _is_text(arg: str) -> bool:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """`text` safe to print on any terminal: undecodable bytes as \\xNN, no colour codes, one line."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    return " ".join(text.split("\n")).strip()
+
+
+def _error(where: str, message: str) -> None:
+    print(f"{where}: error: {_printable(message)}", file=sys.stderr)
+
+
+def _describe_os_error(e: OSError) -> str:
+    """One line for an OSError on a path the user gave (reading or writing)."""
+    from .files import describe_os_error
+    path = _printable(os.fsdecode(e.filename))
+    if isinstance(e, FileNotFoundError):
+        return f"{path}: no such file or folder"
+    if isinstance(e, IsADirectoryError):
+        return f"{path}: is a folder, not a file"
+    return describe_os_error(path, e)
+
+
+def _internal_error(where: str) -> int:
+    print(f"{where}: internal error (a bug in sparsefeat, not in your input; please report it with the "
+          "traceback below)", file=sys.stderr)
+    traceback.print_exc()
+    return 1
 
 
 if __name__ == "__main__":

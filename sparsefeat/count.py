@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -418,14 +417,20 @@ def _unique_labels(results) -> list[str]:
 
 
 def infer_role(r) -> str:
-    """What a results file is, read from its store's provenance: a matched null, a toy with ground
-    truth, another toy (a false-positive control), a model site, a random-init model site, or data."""
-    prov = r.store_provenance or {}
+    """What a results file is, read from its store's provenance (`store_role`)."""
+    return store_role(r.store_kind, r.store_provenance, r.ground_truth is not None)
+
+
+def store_role(kind: str, provenance: dict | None, has_ground_truth: bool) -> str:
+    """What a store is, from its kind and provenance: a matched null, a toy with ground truth, another
+    toy (a false-positive control), a model site, a random-init model site, or data. `run` and `count`
+    both use this rule, so a label never decides a role."""
+    prov = provenance or {}
     if prov.get("generator") == "matched":
         return "null"
-    if r.store_kind == "toy":
-        return "toy" if r.ground_truth is not None else "control"
-    if r.store_kind == "model":
+    if kind == "toy":
+        return "toy" if has_ground_truth else "control"
+    if kind == "model":
         return "random-init" if prov.get("random_init") else "model"
     return "data"
 
@@ -546,9 +551,10 @@ def _store_key(path: str, site: str) -> tuple[str, str]:
 
 
 def layer_of_site(site: str) -> int | None:
-    """The hidden-state index of a harvested site name (resid_L), else None."""
-    found = re.fullmatch(r"resid_(\d+)", site or "")
-    return int(found.group(1)) if found else None
+    """The hidden-state index of a harvested site name, else None: `harvest.layer_of_site`, the
+    inverse of `harvest.site_name` (imported here when used: harvest imports torch)."""
+    from .harvest import layer_of_site as from_site_name
+    return from_site_name(site)
 
 
 def find_relations(results, labels) -> dict[str, dict[str, str]]:

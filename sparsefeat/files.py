@@ -147,6 +147,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True, resumable: bool 
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(describe_os_error(path, e, resumable=resumable)) from None
+    except OutputError:
+        raise  # already one line naming its own file (e.g. a nested atomic_path): keep it
     except Exception as e:
         if is_disk_full(e):
             raise OutputError(describe_os_error(path, OSError(errno.ENOSPC, "no space"), resumable=resumable)) from None

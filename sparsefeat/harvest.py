@@ -31,10 +31,27 @@ from .corpus import (CORPORA, DEFAULT_SOURCES, Corpus, HarvestError, _file_docum
                      _jsonl_documents, _paragraphs, _read_text, default_corpus, load_corpus, stdlib_corpus)
 from .device import resolve_device
 from .errors import SparsefeatError
+from .files import check_output
 from .store import StoreWriter, split_documents
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 FLOAT16_MAX = 65504.0
+
+
+# --------------------------------------------------------------------------------------------
+# Site names: hidden state L is stored as the site resid_L (built and parsed only here)
+# --------------------------------------------------------------------------------------------
+
+
+def site_name(layer: int) -> str:
+    """The site of hidden state `layer` (0 = the embedding output)."""
+    return f"resid_{int(layer)}"
+
+
+def layer_of_site(site: str) -> int | None:
+    """The inverse of `site_name`: the hidden-state index of a site, or None for any other site."""
+    found = re.fullmatch(r"resid_(\d+)", site or "")
+    return int(found.group(1)) if found else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +413,7 @@ def block_rows(loaded: LoadedModel, block: Block, *, layers: Sequence[int], modu
     """Run a block's windows through the model and keep one row per kept token, in document order."""
     store_dtype = torch.float16 if dtype == "float16" else torch.float32
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    site_names = [f"resid_{L}" for L in layers] + ([module] if module else [])
+    site_names = [site_name(L) for L in layers] + ([module] if module else [])
     parts: dict[str, list[torch.Tensor]] = {s: [] for s in site_names}
     row_window, row_pos, row_ids = [], [], []
     tokens_seen = 0
@@ -407,7 +424,7 @@ def block_rows(loaded: LoadedModel, block: Block, *, layers: Sequence[int], modu
         if capture is not None:
             capture.output = None  # never reuse the previous batch's output
         out = _forward(loaded, ids, mask, hidden_states=bool(layers))
-        found = {f"resid_{L}": out.hidden_states[L] for L in layers}
+        found = {site_name(L): out.hidden_states[L] for L in layers}
         if module:
             found[module] = _module_output(capture, module, ids.shape)
         for site, h in found.items():
@@ -478,7 +495,7 @@ def _provenance(config: HarvestConfig, loaded: LoadedModel, corpus: Corpus, laye
         corpus_python=corpus.describe()["python"],  # built-in corpora differ between Python versions
         layers=layers,
         module=config.module,
-        sites={**{f"resid_{L}": f"hidden_states[{L}]" + (" (embedding output)" if L == 0 else "")
+        sites={**{site_name(L): f"hidden_states[{L}]" + (" (embedding output)" if L == 0 else "")
                   for L in layers},
                **({config.module: "output of the named submodule"} if config.module else {})},
         dtype=config.dtype,
@@ -500,9 +517,8 @@ def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = Fal
     by document. `resume=True` continues a killed harvest at its first uncommitted block and ends
     with the same store an uninterrupted run writes. Returns the path of the finished store.
     """
-    out = Path(out)
-    if out.exists() and not force and not resume:
-        raise HarvestError(f"{out}: already exists; pass --force to overwrite it")
+    # Before the model loads: an existing folder, a read-only folder, an existing store without --force.
+    out = check_output(out, force=force, allow_existing=resume)
     corpus = load_corpus(config.corpus, paragraphs=config.paragraphs, text_field=config.text_field)
     loaded = load_model(config.model, random_init=config.random_init, init_seed=config.init_seed,
                         device=config.device)
@@ -514,7 +530,7 @@ def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = Fal
     if not layers and not config.module:
         raise HarvestError("nothing to store: give --layers or --module")
     _check_max_length(loaded, config.max_length)
-    sites = {f"resid_{L}": loaded.width for L in layers}
+    sites = {site_name(L): loaded.width for L in layers}
     if config.module:
         sites[config.module] = module_width(loaded, config.module)
     n_docs = len(corpus) if config.max_documents is None else min(len(corpus), config.max_documents)

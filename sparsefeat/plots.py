@@ -2,12 +2,13 @@
 matplotlib Figure whose lines are exactly the table's numbers, so tests can read the data back.
 
 Figures are built with `matplotlib.figure.Figure` (the Agg canvas; no pyplot state, no display), and
-`save_figure` writes PNG and PDF atomically. Sizes are on a log axis; the caption names the package
+`save_figures` writes PNG and PDF atomically, all figures or none. Sizes are on a log axis; the caption names the package
 version and the results files, so a figure found alone says where it came from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from . import __version__
 from .count import SweepCount
 from .errors import SparsefeatError
+from .files import OutputError, atomic_path, check_folder_writable
 
 SIZE_LABEL = "dictionary size m (latents, log scale)"
 LOSS_LABELS = {
@@ -262,30 +264,46 @@ FIGURES = {
 # --------------------------------------------------------------------------------------------
 
 
+FORMATS = ("png", "pdf")
+
+
+def figure_paths(out_dir: str | os.PathLike, names) -> list[Path]:
+    return [Path(out_dir) / f"{name}.{ext}" for name in names for ext in FORMATS]
+
+
+def check_figures(out_dir: str | os.PathLike, names, *, force: bool = False) -> list[Path]:
+    """Refuse, before any work, a folder that is a file or cannot be written, and existing figures
+    without `force`; returns the paths the figures will have."""
+    check_folder_writable(out_dir)
+    paths = figure_paths(out_dir, names)
+    for path in paths:
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; remove it or choose another --out")
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists; pass --force to overwrite it")
+    return paths
+
+
+def save_figures(figures: dict[str, Figure], out_dir: str | os.PathLike, *, force: bool = False) -> list[Path]:
+    """Write each figure as `name`.png and `name`.pdf into `out_dir`, all or nothing: every file is
+    written to a temporary file first and renamed only when all of them are complete, so a full disk
+    or a failure half way leaves the folder as it was (no half set of figures)."""
+    paths = check_figures(out_dir, figures, force=force)
+    with contextlib.ExitStack() as all_or_nothing:  # renames happen on exit, only without an error
+        for path in paths:
+            tmp = all_or_nothing.enter_context(atomic_path(path))
+            figures[path.stem].savefig(tmp, format=path.suffix[1:], dpi=150)
+    return paths
+
+
 def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, *, force: bool = False) -> list[Path]:
-    """Write `name`.png and `name`.pdf into `out_dir` (each to a temp file, then renamed)."""
-    out_dir = Path(out_dir)
-    targets = [out_dir / f"{name}.{ext}" for ext in ("png", "pdf")]
-    existing = [p for p in targets if p.exists()]
-    if existing and not force:
-        raise SparsefeatError(f"{existing[0]}: already exists; pass --force to overwrite it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in targets:
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            fig.savefig(tmp, format=path.suffix[1:], dpi=150)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    return targets
+    """Write `name`.png and `name`.pdf into `out_dir` (atomically, both or neither)."""
+    return save_figures({name: fig}, out_dir, force=force)
 
 
 def plot_all(counts: list[SweepCount], out_dir: str | os.PathLike, *, force: bool = False) -> list[Path]:
-    """Every figure of FIGURES into `out_dir` as PNG and PDF; returns the written paths."""
+    """Every figure of FIGURES into `out_dir` as PNG and PDF (all or nothing); returns the written paths."""
     if not counts:
         raise SparsefeatError("nothing to plot: no sweeps in the given results files")
-    written = []
-    for name, make in FIGURES.items():
-        written += save_figure(make(counts), out_dir, name, force=force)
-    return written
+    check_figures(out_dir, FIGURES, force=force)  # before drawing: a refusal costs nothing
+    return save_figures({name: make(counts) for name, make in FIGURES.items()}, out_dir, force=force)

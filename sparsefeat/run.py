@@ -8,8 +8,11 @@
       count.json   the count table (count.py), in full
       report.md    what the study found on the three questions, with the numbers
 
-The study config is a TOML file validated against dataclasses; each section overrides the defaults
-below (the `--quick` profile first, then the file). Finished stores and sweeps are kept on a re-run
+The study config is a TOML file built once into typed dataclasses (`StudyConfig`: StudyOptions, one
+ToyEntry per toy, ModelConfig around a HarvestConfig, a SweepConfig for toys and one for model sites,
+CountConfig); each table overrides the defaults below (the `--quick` profile first, then the file), and a
+wrong key, type or value is one ConfigError line before anything runs. The layout of study.toml is
+unchanged; a study.toml of an older version (fewer keys) loads and is compared as a value. Finished stores and sweeps are kept on a re-run
 without `force`; a run killed half way resumes where it stopped.
 """
 
@@ -23,15 +26,30 @@ import os
 import sys
 import time
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .errors import SparsefeatError
+from .errors import ConfigError, SparsefeatError
+from .files import check_folder_writable, write_text
 
 # --------------------------------------------------------------------------------------------
 # The study config
 # --------------------------------------------------------------------------------------------
+
+
+# The --quick profile: a CI-sized study. Its duration, measured on 2 CPU cores, is stated here only.
+QUICK_DURATION = "about a minute on 2 CPU cores"
+QUICK = {
+    "study": {"toy_samples": 16_000},
+    "model": {"layers": [0, 6], "max_tokens": 6_000},
+    "sweep": {"toy": {"sizes": [16, 32, 64, 128], "steps": 600},
+              "model": {"sizes": [48, 96, 192], "steps": 600, "checkpoint_every": 0}},
+    "count": {"bootstrap": 200},
+}
 
 
 @dataclass
@@ -47,10 +65,17 @@ class StudyOptions:
 
 
 @dataclass
-class ModelOptions:
-    enabled: bool = field(default=True, metadata={"help": "harvest model activations (MiniLM by default)"})
-    random_init_twin: bool = field(default=True, metadata={
-        "help": "also harvest the same layers of the model with random weights (the random-init control)"})
+class ToyEntry:
+    """[toys.NAME]: one toy store of the study. In the TOML table, `kind`, `n_samples`, `seed` and
+    `enabled` sit beside the toy's own parameters (the fields of its Params)."""
+    kind: str
+    params: Any = None                 # the toy's Params (None when the toy is left out)
+    n_samples: int | None = None       # default: [study] toy_samples
+    seed: int | None = None            # default: [study] seed
+    enabled: bool = True
+
+
+TOY_KEYS = ("kind", "n_samples", "seed", "enabled")
 
 
 def default_toys() -> dict[str, dict]:
@@ -61,43 +86,86 @@ def default_toys() -> dict[str, dict]:
             "square": dict(kind="square")}
 
 
-def default_model() -> dict:
-    return dict(enabled=True, random_init_twin=True, model="minilm", corpus=["pydoc"], layers=[0, 3, 6],
-                max_tokens=24_000, max_length=128)
+def _default_harvest():
+    from .harvest import HarvestConfig
+    # Only what the study changes from HarvestConfig's own defaults: three layers, a CPU-sized corpus.
+    return HarvestConfig(layers=[0, 3, 6], max_tokens=24_000, max_length=128)
 
 
-def default_sweeps() -> dict[str, dict]:
+@dataclass
+class ModelConfig:
+    """[model]: the two study switches beside the HarvestConfig of the trained model (its random-init
+    twin differs only in `random_init`). In TOML the keys of both sit in one flat table."""
+    enabled: bool = field(default=True, metadata={"help": "harvest model activations (MiniLM by default)"})
+    random_init_twin: bool = field(default=True, metadata={
+        "help": "also harvest the same layers of the model with random weights (the random-init control)"})
+    harvest: Any = field(default_factory=_default_harvest)  # HarvestConfig
+
+
+def _default_sweep(kind: str):
+    from .train import SweepConfig
     # Budgets measured on 2 CPU cores: a toy sweep ~10 s, a model sweep ~40 s (d = 384, up to 2d).
     # Toys: two sparsity settings for the frontier figure; lr 1e-2 converges in 1000 steps there.
     # Model sites: lr 1e-2 killed half the latents at m >= d, so 3e-3; α for L0 around 20-40.
-    return {"toy": dict(sizes=[16, 32, 64, 128, 256], l1=[0.3, 1.0], seeds=[0, 1], steps=1000, lr=1e-2,
-                        checkpoint_every=0),
-            "model": dict(sizes=[48, 96, 192, 384, 768], l1=[0.05], seeds=[0, 1], steps=1000, lr=3e-3,
-                          checkpoint_every=500)}
+    if kind == "toy":
+        return SweepConfig(sizes=[16, 32, 64, 128, 256], l1=[0.3, 1.0], seeds=[0, 1], steps=1000, lr=1e-2,
+                           checkpoint_every=0)
+    return SweepConfig(sizes=[48, 96, 192, 384, 768], l1=[0.05], seeds=[0, 1], steps=1000, lr=3e-3,
+                       checkpoint_every=500)
+
+
+@dataclass
+class SweepsConfig:
+    """[sweep.toy] and [sweep.model]: the SweepConfig of toy stores and of model sites."""
+    toy: Any = field(default_factory=lambda: _default_sweep("toy"))      # SweepConfig
+    model: Any = field(default_factory=lambda: _default_sweep("model"))  # SweepConfig
+
+
+def _default_count():
+    from .count import CountConfig
+    return CountConfig()
 
 
 @dataclass
 class StudyConfig:
-    """The whole study. Sections of the TOML file map to these fields; see `load_config`."""
+    """The whole study, typed and validated once (`make_config`); `to_table` gives its TOML layout."""
     study: StudyOptions = field(default_factory=StudyOptions)
-    toys: dict[str, dict] = field(default_factory=default_toys)   # name -> kind, n_samples, seed, params
-    model: dict = field(default_factory=default_model)            # ModelOptions + HarvestConfig fields
-    sweep: dict[str, dict] = field(default_factory=default_sweeps)  # "toy"/"model" -> SweepConfig fields
-    count: dict = field(default_factory=dict)                     # CountConfig fields
+    toys: dict[str, ToyEntry] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sweep: SweepsConfig = field(default_factory=SweepsConfig)
+    count: Any = field(default_factory=_default_count)  # CountConfig
 
 
-# The --quick profile: a CI-sized study (about two minutes on 2 CPU cores).
-QUICK = {
-    "study": {"toy_samples": 16_000},
-    "model": {"layers": [0, 6], "max_tokens": 6_000},
-    "sweep": {"toy": {"sizes": [16, 32, 64, 128], "steps": 600},
-              "model": {"sizes": [48, 96, 192], "steps": 600, "checkpoint_every": 0}},
-    "count": {"bootstrap": 200},
-}
+# --------------------------------------------------------------------------------------------
+# TOML tables <-> typed configs
+# --------------------------------------------------------------------------------------------
+
+
+def to_table(config: StudyConfig) -> dict:
+    """The TOML layout of a config: every key, [model] flat, toy parameters beside kind/n_samples/seed."""
+    toys = {}
+    for name, toy in config.toys.items():
+        entry = {"kind": toy.kind, "n_samples": toy.n_samples, "seed": toy.seed}
+        entry.update(dataclasses.asdict(toy.params) if toy.params is not None else {})
+        if not toy.enabled:
+            entry["enabled"] = False
+        toys[name] = entry
+    model = {"enabled": config.model.enabled, "random_init_twin": config.model.random_init_twin,
+             **dataclasses.asdict(config.model.harvest)}
+    return _without_none({
+        "study": dataclasses.asdict(config.study), "toys": toys, "model": model,
+        "sweep": {"toy": dataclasses.asdict(config.sweep.toy), "model": dataclasses.asdict(config.sweep.model)},
+        "count": dataclasses.asdict(config.count)})
+
+
+def _without_none(table: dict) -> dict:
+    """TOML has no null: a None value is left out (and reads back as its field's default)."""
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in table.items() if v is not None}
 
 
 def config_dict(config: StudyConfig) -> dict:
-    return dataclasses.asdict(config)
+    """(Old name of `to_table`.)"""
+    return to_table(config)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -113,13 +181,20 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def default_table(*, quick: bool = False) -> dict:
+    """The defaults in TOML layout (the quick profile on top when asked)."""
+    table = to_table(StudyConfig())
+    table["toys"] = default_toys()
+    return deep_merge(table, QUICK) if quick else table
+
+
 def make_config(overrides: dict | None = None, *, quick: bool = False, source: str = "study config") -> StudyConfig:
-    """Defaults, then the quick profile (if asked), then `overrides` (the TOML layout as a dict); validated.
-    A table under `toys` replaces the toy of that name; `enabled = false` in it leaves that toy out."""
-    data = config_dict(StudyConfig())
-    if quick:
-        data = deep_merge(data, QUICK)
-    return validate(deep_merge(data, overrides or {}), source)
+    """Defaults, then the quick profile (if asked), then `overrides` (the TOML layout as a dict), built
+    once into typed configs. A table under `toys` replaces the toy of that name; `enabled = false` in
+    it leaves that toy out. Any wrong key, type or value is one `ConfigError` naming file and table."""
+    if not isinstance(overrides or {}, dict):
+        raise ConfigError(f"{source}: expected tables of keys")
+    return from_table(deep_merge(default_table(quick=quick), overrides or {}), source)
 
 
 def load_config(path: str | os.PathLike | None = None, *, quick: bool = False) -> StudyConfig:
@@ -128,89 +203,150 @@ def load_config(path: str | os.PathLike | None = None, *, quick: bool = False) -
     if path is not None:
         path = Path(path)
         try:
-            with open(path, "rb") as f:
-                overrides = tomllib.load(f)
+            overrides = tomllib.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
-            raise SparsefeatError(f"{path}: no such file") from None
+            raise ConfigError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a TOML file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a TOML file (not UTF-8 text)") from None
         except tomllib.TOMLDecodeError as e:
-            raise SparsefeatError(f"{path}: not valid TOML ({e})") from None
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
     return make_config(overrides, quick=quick, source=str(path) if path else "study config")
+
+
+def from_table(data: dict, source: str) -> StudyConfig:
+    """Build every section from its table, so a typo or a wrong type fails now, not after an hour of sweeps."""
+    from .count import CountConfig
+    from .harvest import HarvestConfig
+    from .train import SweepConfig
+    _check_keys(source, data, [f.name for f in dataclasses.fields(StudyConfig)])
+    study = build(StudyOptions, _table(data, "study", source), f"{source} [study]")
+    model = _table(data, "model", source)
+    switches = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "harvest"]
+    _check_keys(f"{source} [model]", model, switches + [f.name for f in dataclasses.fields(HarvestConfig)])
+    model_config = build(ModelConfig, {k: v for k, v in model.items() if k in switches}, f"{source} [model]")
+    model_config.harvest = build(HarvestConfig, {k: v for k, v in model.items() if k not in switches},
+                                 f"{source} [model]")
+    sweeps = _table(data, "sweep", source)
+    _check_keys(f"{source} [sweep]", sweeps, ["toy", "model"])
+    sweep = SweepsConfig(**{kind: build(SweepConfig, _table(sweeps, kind, f"{source} [sweep]"),
+                                        f"{source} [sweep.{kind}]") for kind in ("toy", "model")})
+    toys = {name: build_toy(toy, study, f"{source} [toys.{name}]")
+            for name, toy in _table(data, "toys", source).items()}
+    count = build(CountConfig, _table(data, "count", source), f"{source} [count]")
+    return StudyConfig(study=study, toys=toys, model=model_config, sweep=sweep, count=count)
+
+
+def build_toy(table, study: StudyOptions, where: str) -> ToyEntry:
+    from .toys import make_params, toy_class
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table with kind = \"sparse\" | \"gmm\" | \"square\" | ...")
+    if table.get("enabled", True) is False:  # left out: nothing else in the table needs to be valid
+        return ToyEntry(kind=str(table.get("kind", "")), enabled=False)
+    if "kind" not in table:
+        raise ConfigError(f"{where}: needs kind = \"sparse\" | \"gmm\" | \"square\" | ...")
+    entry = build(ToyEntry, {k: v for k, v in table.items() if k in TOY_KEYS}, where)
+    try:
+        params_cls = toy_class(entry.kind).Params
+        params = {k: v for k, v in table.items() if k not in TOY_KEYS}
+        make_params(entry.kind, params)  # unknown keys: refused with the list of valid ones
+        params = typed_fields(params_cls, params, where)
+        if "d" in {f.name for f in dataclasses.fields(params_cls)} and "d" not in params:
+            params["d"] = study.toy_width
+        entry.params = make_params(entry.kind, params)
+    except SparsefeatError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return entry
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a table ([{key}]), got {type(value).__name__}")
+    return value
 
 
 def _check_keys(where: str, table: dict, valid) -> None:
     valid = list(valid)
     unknown = sorted(set(table) - set(valid))
     if unknown:
-        raise SparsefeatError(f"{where}: unknown key {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
+        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
 
 
-def _build(cls, table: dict, where: str):
+def build(cls, table: dict, where: str):
+    """A dataclass from a TOML table: unknown keys and wrong types refused, nested tables built as the
+    dataclasses their fields name, then the class's own checks; any error is one ConfigError line."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
     _check_keys(where, table, [f.name for f in dataclasses.fields(cls) if f.init])
+    values = typed_fields(cls, table, where)
     try:
-        return cls(**table)
+        return cls(**values)
     except (TypeError, ValueError, SparsefeatError) as e:
-        raise SparsefeatError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
-def validate(data: dict, source: str) -> StudyConfig:
-    """Check every section against its dataclass, so a typo fails now, not after an hour of sweeps."""
-    from .count import CountConfig
-    from .harvest import HarvestConfig
-    from .toys import make_params
-    _check_keys(source, data, [f.name for f in dataclasses.fields(StudyConfig)])
-    config = StudyConfig(study=_build(StudyOptions, data.get("study", {}), f"{source} [study]"),
-                         toys=data.get("toys", {}), model=data.get("model", {}), sweep=data.get("sweep", {}),
-                         count=data.get("count", {}))
-    for name, toy in config.toys.items():
-        where = f"{source} [toys.{name}]"
-        if isinstance(toy, dict) and toy.get("enabled", True) is False:
-            continue  # left out: nothing else in the table needs to be valid
-        if not isinstance(toy, dict) or "kind" not in toy:
-            raise SparsefeatError(f"{where}: needs kind = \"sparse\" | \"gmm\" | \"square\" | ...")
-        try:
-            make_params(toy["kind"], toy_params(config, toy))
-        except SparsefeatError as e:
-            raise SparsefeatError(f"{where}: {e}") from None
-    model_keys = [f.name for f in dataclasses.fields(ModelOptions)]
-    _build(ModelOptions, {k: v for k, v in config.model.items() if k in model_keys}, f"{source} [model]")
-    _build(HarvestConfig, {k: v for k, v in config.model.items() if k not in model_keys}, f"{source} [model]")
-    _check_keys(f"{source} [sweep]", config.sweep, ["toy", "model"])
-    for kind in ("toy", "model"):
-        sweep_config(config, kind, where=f"{source} [sweep.{kind}]")
-    _build(CountConfig, config.count, f"{source} [count]")
-    return config
+def typed_fields(cls, table: dict, where: str) -> dict:
+    """`table`'s values checked against the field types of `cls` (ints may stand for floats; numbers
+    may stand in a list of strings, as sizes do: 256 or "2x")."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in table.items():
+        tp = hints.get(key, Any)
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out[key] = build(tp, value, f"{where} {key}")
+            continue
+        if not _fits(tp, value, in_list=False):
+            raise ConfigError(f"{where}: {key} = {value!r} should be {_type_name(tp)}")
+        out[key] = float(value) if tp is float and not isinstance(value, bool) else value
+    return out
 
 
-TOY_KEYS = ("kind", "n_samples", "seed", "enabled")
+def _fits(tp, value, *, in_list: bool) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value, in_list=in_list) for a in args if a is not type(None))
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_fits(args[0] if args else Any, v, in_list=True) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str or tp is Path:
+        return isinstance(value, str) or (in_list and isinstance(value, (int, float)) and not isinstance(value, bool))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True  # a type the study config does not restrict
 
 
-def active_toys(config: StudyConfig) -> dict[str, dict]:
-    return {name: toy for name, toy in config.toys.items() if toy.get("enabled", True)}
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path (a string)"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def toy_params(config: StudyConfig, toy: dict) -> dict:
-    from .toys import toy_class
-    params = {k: v for k, v in toy.items() if k not in TOY_KEYS}
-    fields = {f.name for f in dataclasses.fields(toy_class(toy["kind"]).Params)}
-    if "d" in fields and "d" not in params:
-        params["d"] = config.study.toy_width
-    return params
+def active_toys(config: StudyConfig) -> dict[str, ToyEntry]:
+    return {name: toy for name, toy in config.toys.items() if toy.enabled}
 
 
-def sweep_config(config: StudyConfig, kind: str, where: str = "study config"):
-    from .train import SweepConfig
-    return _build(SweepConfig, dict(config.sweep.get(kind, {})), where)
+def toy_params(toy: ToyEntry) -> dict:
+    """The toy's parameters as `write_toy` keywords."""
+    return dataclasses.asdict(toy.params)
 
 
 def harvest_config(config: StudyConfig, random_init: bool):
-    from .harvest import HarvestConfig
-    model_keys = {f.name for f in dataclasses.fields(ModelOptions)}
-    return HarvestConfig(**{k: v for k, v in config.model.items() if k not in model_keys}, random_init=random_init)
-
-
-def count_config(config: StudyConfig):
-    from .count import CountConfig
-    return CountConfig(**config.count)
+    return dataclasses.replace(config.model.harvest, random_init=random_init)
 
 
 def to_toml(data: dict) -> str:
@@ -251,6 +387,7 @@ class Dataset:
     store: Path
     site: str
     kind: str  # "toy" or "model" (which sweep section applies)
+    role: str  # as count.infer_role reads it from provenance: toy, control, model, random-init, null
 
 
 class Study:
@@ -289,28 +426,31 @@ class Study:
         for name, toy in active_toys(self.config).items():
             path = self.stores / f"{name}.h5"
             if not self._done(path):
-                write_toy(toy["kind"], path, n_samples=int(toy.get("n_samples", self.config.study.toy_samples)),
-                          seed=int(toy.get("seed", self.config.study.seed)), force=self.force,
+                n_samples = self.config.study.toy_samples if toy.n_samples is None else toy.n_samples
+                seed = self.config.study.seed if toy.seed is None else toy.seed
+                write_toy(toy.kind, path, n_samples=n_samples, seed=seed, force=self.force,
                           resume=partial_path(path).exists() and not self.force, progress=self.progress,
-                          **toy_params(self.config, toy))
-            out.append(Dataset(name, path, SITE, "toy"))
+                          **toy_params(toy))
+            out.append(Dataset(name, path, SITE, "toy", infer_store_role(path)))
         return out
 
     def model_stores(self) -> list[Dataset]:
-        from .harvest import harvest
+        from .harvest import harvest, site_name
         from .store import partial_path
-        if not self.config.model.get("enabled", True):
+        if not self.config.model.enabled:
             return []
-        twins = [False] + ([True] if self.config.model.get("random_init_twin", True) else [])
+        twins = [False] + ([True] if self.config.model.random_init_twin else [])
         out = []
         for random_init in twins:
             hc = harvest_config(self.config, random_init)
             name = model_name(hc.model) + ("-random" if random_init else "")
+            role = "random-init" if random_init else "model"
             path = self.stores / f"{name}.h5"
             if not self._done(path):
                 harvest(hc, path, force=self.force, resume=partial_path(path).exists() and not self.force,
                         progress=self.progress)
-            out += [Dataset(f"{name}/resid_{layer}", path, f"resid_{layer}", "model") for layer in hc.layers]
+            out += [Dataset(f"{name}/{site_name(layer)}", path, site_name(layer), "model", role)
+                    for layer in hc.layers]
         return out
 
     def null_stores(self, datasets: list[Dataset]) -> list[Dataset]:
@@ -329,13 +469,14 @@ class Study:
                 write_toy("matched", path, n_samples=rows, seed=self.config.study.seed, source=str(ds.store),
                           site=ds.site, force=self.force, resume=partial_path(path).exists() and not self.force,
                           progress=self.progress)
-            out.append(Dataset(f"null:{ds.label}", path, SITE, ds.kind))
+            out.append(Dataset(f"null:{ds.label}", path, SITE, ds.kind, "null"))
         return out
 
-    def _wants_null(self, ds: Dataset) -> bool:
-        if ds.kind == "model":
-            return not ds.label.split("/")[0].endswith("-random")
-        return self.config.toys[ds.label]["kind"] == "sparse"
+    @staticmethod
+    def _wants_null(ds: Dataset) -> bool:
+        """Data with structure to beat: a toy with ground truth and a trained model's site (not the
+        controls, not the random-init twin)."""
+        return ds.role in ("toy", "model")
 
     # -- sweeps ---------------------------------------------------------------------------
 
@@ -346,7 +487,8 @@ class Study:
             path = self.sweeps / f"{ds.label.replace('/', '-').replace(':', '-')}.h5"
             if not self._done(path):
                 self.log(f"sweep {i + 1}/{len(datasets)}: {ds.label}")
-                cfg = dataclasses.replace(sweep_config(self.config, ds.kind), site=ds.site, label=ds.label)
+                base = self.config.sweep.toy if ds.kind == "toy" else self.config.sweep.model
+                cfg = dataclasses.replace(base, site=ds.site, label=ds.label)
                 train_sweep(ds.store, cfg, path, resume=not self.force, force=self.force, progress=self.progress)
             paths.append(path)
         return paths
@@ -355,8 +497,8 @@ class Study:
 
     def analyse(self, sweeps: list[Path]) -> list:
         from . import count, plots
-        counts = count.count_results(sweeps, count_config(self.config), progress=self.progress)
-        write_atomic(self.out / "count.json", json.dumps(count.to_json(counts), indent=2, allow_nan=False) + "\n")
+        counts = count.count_results(sweeps, self.config.count, progress=self.progress)
+        write_text(self.out / "count.json", json.dumps(count.to_json(counts), indent=2, allow_nan=False) + "\n")
         plots.plot_all(counts, self.out / "figures", force=True)  # derived from this study's own sweeps
         return counts
 
@@ -396,31 +538,39 @@ class StudyResult:
         return f"{table}\n\nreport: {self.report}\nwall time: {self.timings['total']:.0f} s"
 
 
+def infer_store_role(path: Path) -> str:
+    """The role of a store, from its provenance, by the same rule as `count.infer_role` (not from labels)."""
+    from .count import store_role
+    from .store import ActivationStore
+    with ActivationStore(path) as s:
+        return store_role(s.kind, s.provenance, "features" in s.ground_truth)  # as the sweep copies it
+
+
 def model_name(model: str) -> str:
     return "minilm" if model == "minilm" else Path(model).name.replace("/", "-")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def check_folder(out: Path, config_text: str, force: bool) -> None:
-    """A folder holds one study: refuse to mix a different config into it without force."""
+def check_folder(out: Path, config: StudyConfig, force: bool) -> None:
+    """A folder holds one study: refuse to mix a different config into it without force. Configs are
+    compared as values, so a study.toml written by an older version (fewer keys) still matches."""
     previous = out / "study.toml"
-    if previous.exists() and not force and previous.read_text() != config_text:
+    if not previous.exists() or force:
+        return
+    try:
+        same = load_config(previous) == config
+    except SparsefeatError:
+        same = False
+    if not same:
         raise SparsefeatError(f"{previous}: this folder holds a study with another config; "
                               "pass --force to redo it, or choose another --out")
 
 
 def run_study(config: StudyConfig, out: str | os.PathLike, *, force: bool = False, progress: bool = True) -> StudyResult:
     """Run every stage into `out` (see the module docstring for the folder) and return what it produced."""
-    out = Path(out)
-    config_text = to_toml(config_dict(config))
-    check_folder(out, config_text, force)
-    write_atomic(out / "study.toml", config_text)
+    out = check_folder_writable(out)  # a file, a read-only folder: refused before anything is written
+    config_text = to_toml(to_table(config))
+    check_folder(out, config, force)
+    write_text(out / "study.toml", config_text)
     study = Study(config, out, force=force, progress=progress)
     with torch_threads(config.study.threads):
         return study.run_all()
@@ -577,5 +727,5 @@ def write_report(out: Path, counts, timings: dict[str, float]) -> Path:
     for c in counts:
         text += [f"### {c.label} ({c.role}, {c.setting})", "", "```", size_table(c), "```", ""]
     path = out / "report.md"
-    write_atomic(path, "\n".join(text))
+    write_text(path, "\n".join(text))
     return path

@@ -309,7 +309,8 @@ def sweep(store, out, sizes, **kw):
     return train_sweep(store, SweepConfig(sizes=sizes, **{**TOY_SWEEP, **kw}), out, progress=False)
 
 
-@pytest.mark.parametrize("n,d", [(32, 16), (64, 32), (128, 64)])
+@pytest.mark.parametrize("n,d", [(32, 16), pytest.param(64, 32, marks=pytest.mark.slow),
+                                 pytest.param(128, 64, marks=pytest.mark.slow)])
 def test_estimate_recovers_the_true_number_of_features_on_toy_data(n, d, tmp_path, one_thread):
     from sparsefeat.toys import write_toy
     store = write_toy("sparse", tmp_path / "toy.h5", n_samples=20_000, n_features=n, d=d, mean_active=2.0,
@@ -323,6 +324,7 @@ def test_estimate_recovers_the_true_number_of_features_on_toy_data(n, d, tmp_pat
     assert raw[-1] < raw[1]                  # as m grows past n, so no plateau of it marks n
 
 
+@pytest.mark.slow
 def test_excess_over_the_matched_null_is_within_noise_without_sparse_structure(tmp_path, one_thread):
     """A matched Gaussian against its own matched null: nothing to count beyond the null. The toy it
     was matched to, against its null: an excess far beyond noise."""

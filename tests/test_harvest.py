@@ -5,6 +5,10 @@ document, resumable after SIGKILL, and bad input fails with one clear line."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -245,6 +249,7 @@ def test_random_init_differs_from_trained_and_is_reproducible_by_seed(tmp_path, 
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, kill_after_commit):
     options = dict(max_documents=60, max_tokens=2000, max_length=64, block_tokens=200, batch_size=8,
                    layers=[0, 3], device="cpu")
@@ -264,6 +269,53 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, kill_after_c
     with ActivationStore(whole) as s:
         assert s.complete and 2000 <= s.n_rows() < 2000 + 400  # stopped within a document of max_tokens
         assert len(s.documents_test()) < 60
+
+
+# Kills with the default settings (MiniLM, the pydoc corpus, default blocks and lengths), cut short
+# by --max-tokens: after the first block, after the second, and inside the final close (the store
+# marked complete but not yet renamed). Each resume must end with the uninterrupted run's rows.
+DEFAULT_RUN = dict(max_tokens=20_000, device="cpu")
+HARVEST_CODE = ("from sparsefeat.harvest import HarvestConfig, harvest; "
+                "harvest(HarvestConfig(**{options!r}), {out!r}, resume={resume}, progress=False)")
+KILL_AT_RENAME = ("import os, signal; os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+                  + HARVEST_CODE)
+
+
+@pytest.fixture(scope="module")
+def default_harvest(tmp_path_factory) -> Path:
+    return harvest(HarvestConfig(**DEFAULT_RUN), tmp_path_factory.mktemp("default") / "whole.h5", progress=False)
+
+
+def same_store(a: Path, b: Path) -> None:
+    da, db = datasets(a), datasets(b)
+    assert da.keys() == db.keys()
+    for name in da:
+        np.testing.assert_array_equal(da[name], db[name], err_msg=name)
+    with ActivationStore(a) as sa, ActivationStore(b) as sb:
+        assert sa.complete and sb.complete and sa.provenance == sb.provenance
+
+
+@pytest.mark.slow
+def test_default_harvest_killed_in_blocks_resumes_to_the_uninterrupted_store(tmp_path, kill_after_commit,
+                                                                             default_harvest):
+    out = tmp_path / "killed.h5"
+    first = kill_after_commit(HARVEST_CODE.format(options=DEFAULT_RUN, out=str(out), resume=False), out,
+                              min_rows=1, timeout=120.0)  # while the second block is computed
+    second = kill_after_commit(HARVEST_CODE.format(options=DEFAULT_RUN, out=str(out), resume=True), out,
+                               min_rows=first + 1, timeout=120.0)  # resumed, then killed a block later
+    assert 0 < first < second and not out.exists()
+    same_store(harvest(HarvestConfig(**DEFAULT_RUN), out, resume=True, progress=False), default_harvest)
+
+
+@pytest.mark.slow
+def test_default_harvest_killed_while_closing_resumes_to_the_uninterrupted_store(tmp_path, default_harvest):
+    out = tmp_path / "closing.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_RENAME.format(options=DEFAULT_RUN, out=str(out), resume=False)],
+                          env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert partial_path(out).exists() and not out.exists()  # every block written, the rename never happened
+    same_store(harvest(HarvestConfig(**DEFAULT_RUN), out, resume=True, progress=False), default_harvest)
 
 
 def test_max_tokens_stops_within_one_document_of_the_target(tmp_path, tiny_gpt2, corpus_file):

@@ -3,6 +3,8 @@ atomically, never over an existing figure without force."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,7 @@ def test_frontier_figure_puts_each_data_set_beside_its_null(tmp_path):
     assert len(data.get_xdata()) == 2  # one point per sparsity setting
 
 
+@pytest.mark.slow
 def test_plot_all_writes_png_and_pdf_and_refuses_to_overwrite(counts, tmp_path):
     written = plots.plot_all(counts, tmp_path / "fig")
     assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in plots.FIGURES for e in ("png", "pdf"))
@@ -95,7 +98,7 @@ def test_plot_all_writes_png_and_pdf_and_refuses_to_overwrite(counts, tmp_path):
     with pytest.raises(SparsefeatError, match="already exists"):
         plots.plot_all(counts, tmp_path / "fig")
     plots.plot_all(counts, tmp_path / "fig", force=True)
-    assert not list((tmp_path / "fig").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == sorted(p.name for p in written)  # no temp files
 
 
 def test_count_by_layer_plots_trained_random_and_null_by_layer(counts):
@@ -113,6 +116,8 @@ def test_plot_command_writes_the_figures(study_files, tmp_path, capsys):  # noqa
     from sparsefeat import cli
     assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs"), "--bootstrap", "20"]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 2 * len(plots.FIGURES) and all((tmp_path / "figs" / p).exists() or p for p in printed)
+    want = {f"{name}.{ext}" for name in plots.FIGURES for ext in ("png", "pdf")}
+    assert len(printed) == len(want) and {Path(p).name for p in printed} == want
+    assert all(Path(p).parent == tmp_path / "figs" and Path(p).stat().st_size > 0 for p in printed)
     assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs")]) == 2
     assert "already exists" in capsys.readouterr().err

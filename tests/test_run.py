@@ -4,7 +4,6 @@ re-runs that keep finished work, and a study config that fails in one line on a 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tomllib
 
@@ -14,14 +13,16 @@ from sparsefeat import cli
 from sparsefeat import run as study
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_study(tmp_path_factory):
+    """The whole quick study, run once per test session (about 50 s on 2 cores): its tests are slow."""
     out = tmp_path_factory.mktemp("study") / "quick"
     code = cli.main(["run", "--quick", "--out", str(out), "--no-progress"])
     assert code == 0
     return out
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_whole_folder(quick_study):
     out = quick_study
     assert {p.name for p in out.iterdir()} >= {"stores", "sweeps", "figures", "count.json", "report.md", "study.toml"}
@@ -32,10 +33,12 @@ def test_quick_study_writes_the_whole_folder(quick_study):
     assert len(list((out / "figures").glob("*.png"))) == 5 and len(list((out / "figures").glob("*.pdf"))) == 5
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not list(out.rglob("*.ckpt"))
     # the effective config is complete and valid: it loads back to the same study
-    again = study.validate(tomllib.loads((out / "study.toml").read_text()), "study.toml")
-    assert study.to_toml(study.config_dict(again)) == (out / "study.toml").read_text()
+    again = study.from_table(tomllib.loads((out / "study.toml").read_text()), "study.toml")
+    assert study.to_toml(study.to_table(again)) == (out / "study.toml").read_text()
+    assert again == study.load_config(quick=True)
 
 
+@pytest.mark.slow
 def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
     rows = json.loads((quick_study / "count.json").read_text())
     by = {(r["label"], r["sparsity"]): r for r in rows}
@@ -51,6 +54,7 @@ def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
     assert by[("gmm", 0.3)]["role"] == "control" and by[("null:sparse", 0.3)]["role"] == "null"
 
 
+@pytest.mark.slow
 def test_quick_study_report_answers_the_three_questions_with_numbers(quick_study):
     report = (quick_study / "report.md").read_text()
     sections = re.split(r"^## ", report, flags=re.M)
@@ -67,6 +71,7 @@ def test_quick_study_report_answers_the_three_questions_with_numbers(quick_study
     assert "```" in titled["The count"] and "minilm-random/resid_0" in titled["The count"]
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_stores_and_sweeps(quick_study):
     sweeps = sorted((quick_study / "sweeps").glob("*.h5"))
     before = {p: p.stat().st_mtime_ns for p in sweeps + sorted((quick_study / "stores").glob("*.h5"))}
@@ -75,6 +80,7 @@ def test_a_rerun_keeps_finished_stores_and_sweeps(quick_study):
     assert (quick_study / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_refuses_a_study_with_another_config(quick_study, tmp_path, capsys):
     cfg = tmp_path / "other.toml"
     cfg.write_text("[study]\ntoy_samples = 9000\n")
@@ -92,6 +98,11 @@ def test_a_folder_refuses_a_study_with_another_config(quick_study, tmp_path, cap
     ("[count]\nmatch_floor = 2.0\n", "match_floor must be in (0, 1]"),
     ("[study\n", "not valid TOML"),
     ("[extra]\nx = 1\n", "unknown key 'extra'"),
+    ("[sweep.toy]\nsteps = \"abc\"\n", "[sweep.toy]: steps = 'abc' should be an integer"),
+    ("[study]\nnulls = 1\n", "[study]: nulls = 1 should be true or false"),
+    ("[model]\nlayers = [\"a\"]\n", "[model]: layers = ['a'] should be a list of an integer"),
+    ("[count]\nbootstrap = 2.5\n", "[count]: bootstrap = 2.5 should be an integer"),
+    ("study = 3\n", "study must be a table"),
 ])
 def test_a_bad_study_config_is_one_line_naming_file_and_key(tmp_path, capsys, toml, message):
     cfg = tmp_path / "study.toml"
@@ -106,10 +117,20 @@ def test_config_file_overrides_on_top_of_the_quick_profile(tmp_path):
     cfg = tmp_path / "study.toml"
     cfg.write_text("[model]\nenabled = false\n\n[toys.blobs]\nkind = \"gmm\"\nk = 5\n\n[sweep.toy]\nsteps = 7\n")
     config = study.load_config(cfg, quick=True)
-    assert config.model["enabled"] is False and config.model["max_tokens"] == study.QUICK["model"]["max_tokens"]
-    assert config.toys["blobs"] == {"kind": "gmm", "k": 5} and "sparse" in config.toys
-    assert config.sweep["toy"]["steps"] == 7 and config.sweep["toy"]["sizes"] == study.QUICK["sweep"]["toy"]["sizes"]
-    assert study.toy_params(config, config.toys["blobs"]) == {"k": 5, "d": config.study.toy_width}
+    assert config.model.enabled is False and config.model.harvest.max_tokens == study.QUICK["model"]["max_tokens"]
+    blobs = config.toys["blobs"]
+    assert blobs.kind == "gmm" and blobs.params.k == 5 and blobs.params.d == config.study.toy_width
+    assert "sparse" in config.toys
+    assert config.sweep.toy.steps == 7 and config.sweep.toy.sizes == study.QUICK["sweep"]["toy"]["sizes"]
+    assert config.sweep.toy.lr == 1e-2  # the study's own default, kept under the file's override
+
+
+def test_the_model_table_is_one_flat_table_of_two_configs():
+    table = study.to_table(study.make_config())
+    harvest = study.load_config().model.harvest
+    assert table["model"]["enabled"] is True and table["model"]["layers"] == harvest.layers == [0, 3, 6]
+    from sparsefeat.harvest import HarvestConfig
+    assert harvest.batch_size == HarvestConfig().batch_size  # not restated by the study
 
 
 def test_a_missing_config_file_is_one_line(tmp_path, capsys):
@@ -117,10 +138,15 @@ def test_a_missing_config_file_is_one_line(tmp_path, capsys):
     assert "nope.toml: no such file" in capsys.readouterr().err
 
 
-def test_threads_are_restored_after_a_study():
+def test_threads_are_pinned_for_a_study_and_restored_after():
     import torch
     before = torch.get_num_threads()
-    with study.torch_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    assert os.cpu_count()  # (the study pins one thread; the machine may have more)
+    try:
+        torch.set_num_threads(2)  # a count other than the study's, so pinning and restoring both show
+        with study.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with study.torch_threads(0):  # 0 leaves torch's own setting alone
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
