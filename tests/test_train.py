@@ -388,8 +388,12 @@ def test_bad_sizes_sites_and_splits_give_one_line_errors(small_store, tmp_path):
         train_sweep(small_store, small_config(sizes=["0.01x"]), out, progress=False)
     with pytest.raises(SparsefeatError, match=r"small\.h5: no site 'resid'"):
         train_sweep(small_store, small_config(site="resid"), out, progress=False)
-    no_test = write_toy("sparse", tmp_path / "no_test.h5", n_samples=500, n_features=16, d=8, mean_active=2.0,
-                        test_fraction=0.0, progress=False)
+    with pytest.raises(SparsefeatError, match=r"no_test\.h5: test fraction must be in \(0, 1\)"):
+        write_toy("sparse", tmp_path / "no_test.h5", n_samples=500, n_features=16, d=8, progress=False,
+                  test_fraction=0.0)
+    no_test = tmp_path / "no_test.h5"  # a store without test rows can still be written by hand (or be old)
+    with StoreWriter(no_test, sites={"x": 8}, provenance={"generator": "by hand"}) as w:
+        w.append({"x": np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32)}, test=np.zeros(500, bool))
     with pytest.raises(SparsefeatError, match=r"no_test\.h5: has no test split"):
         train_sweep(no_test, small_config(), out, progress=False)
     with pytest.raises(SparsefeatError, match="fewer than one batch"):
