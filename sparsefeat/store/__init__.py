@@ -6,7 +6,7 @@ Layout (documented in full in docs/format.md):
                                   provenance (JSON), units, split_unit, test_fraction, split_seed,
                                   complete
     activations/<site>     [rows, d] float16|float32, chunked by rows (~1 MiB chunks)
-    checksums/<site>       [blocks] uint32, Adler-32 of each chunk-aligned block of rows (version 2)
+    checksums/<site>       [blocks] uint32, CRC-32 (attr algorithm) of each chunk-aligned block (v2)
     rows/test              [rows] uint8, 1 = the row belongs to the test split
     rows/committed         [1] int64, rows that are durably written (the crash-safe counter)
     tokens/doc|pos|ids     [rows] int64, model data only: where each row came from
