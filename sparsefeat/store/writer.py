@@ -45,10 +45,11 @@ def chunk_rows_for(d: int, itemsize: int) -> int:
     return max(1, CHUNK_BYTES // (d * itemsize))
 
 
-def check_site_name(site: str, where) -> str:
+def check_site_name(site: str, where=None) -> str:
     """A site is an HDF5 dataset name: letters, digits, `_`, `.`, `-`, not starting with `.` or `-`."""
     if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
-        raise StoreError(f"{where}: bad site name {site!r} (use letters, digits, '_', '.' or '-', "
+        prefix = f"{where}: " if where is not None else ""
+        raise StoreError(f"{prefix}bad site name {site!r} (use letters, digits, '_', '.' or '-', "
                          "starting with a letter, digit or '_')")
     return site
 
