@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .errors import SparsefeatError
+from .errors import ConfigError, SparsefeatError
 
 # --------------------------------------------------------------------------------------------
 # Generating options from dataclass configs
@@ -131,10 +131,12 @@ class Command:
 # (section: store)
 
 
-def _default_of(func, name: str):
-    """A keyword default of a library function: the CLI shows it without copying it."""
-    import inspect
-    return inspect.signature(func).parameters[name].default
+def _store_config(config_cls, args: argparse.Namespace):
+    """The config of a command that writes `args.out`, from its options; a bad value names the file."""
+    try:
+        return config_from_args(config_cls, args)
+    except SparsefeatError as e:
+        raise ConfigError(f"{args.out}: {e}") from None
 
 
 def _parse_set_value(params_cls, key: str, text: str):
@@ -179,18 +181,14 @@ class ToyCommand(Command):
     help = "Generate toy data with known structure (a ground truth or a false-positive control) as a store."
 
     def configure(self, p):
-        from .toys import TOYS, write_toy
+        from .toys import TOYS, ToyConfig
         kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
         for kind, cls in TOYS.items():
             doc = (cls.__doc__ or kind).strip()
             k = kinds.add_parser(kind, help=doc.splitlines()[0], description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
             k.add_argument("--out", type=Path, required=True, help="the store to write")
-            for opt, tp in (("n_samples", int), ("seed", int), ("test_fraction", float)):
-                k.add_argument("--" + opt.replace("_", "-"), type=tp, dest=opt, default=argparse.SUPPRESS,
-                               help=f"default: {_default_of(write_toy, opt)}")
-            k.add_argument("--dtype", choices=("float16", "float32"), default=argparse.SUPPRESS,
-                           help=f"stored dtype (default: {_default_of(write_toy, 'dtype')})")
+            add_config_args(k, ToyConfig, group="store options")
             add_config_args(k, cls.Params, group=f"{kind} parameters")
             k.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="set any parameter of this toy (repeatable)")
@@ -204,12 +202,12 @@ class ToyCommand(Command):
                            help="show a progress bar")
 
     def run(self, args):
-        from .toys import TOYS, write_toy
+        from .toys import TOYS, ToyConfig, write_toy
+        config = _store_config(ToyConfig, args)
         params = _given_params(TOYS[args.kind].Params, args)
-        common = {k: getattr(args, k) for k in ("n_samples", "seed", "test_fraction", "dtype") if k in args}
         like = (args.like, args.like_site) if getattr(args, "like", None) else None
-        path = write_toy(args.kind, args.out, like=like, resume=args.resume, force=args.force,
-                         progress=args.progress, **common, **params)
+        path = write_toy(args.kind, args.out, config, like=like, resume=args.resume, force=args.force,
+                         progress=args.progress, **params)
         print(f"wrote {path}")
 
 
@@ -218,18 +216,10 @@ class ImportCommand(Command):
     help = "Turn your own [rows, d] activations (.npy, .pt tensor, .safetensors) into a store."
 
     def configure(self, p):
-        from .store import import_array
+        from .store import ImportConfig
         p.add_argument("array", type=Path, help="the array file (.npy, .pt or .safetensors)")
         p.add_argument("--out", type=Path, required=True, help="the store to write")
-        p.add_argument("--test-fraction", type=float, default=argparse.SUPPRESS,
-                       help=f"share of rows held out (default: {_default_of(import_array, 'test_fraction')})")
-        p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
-                       help=f"seed of the train/test split (default: {_default_of(import_array, 'seed')})")
-        p.add_argument("--site", default=argparse.SUPPRESS,
-                       help=f"site name in the store (default: {_default_of(import_array, 'site')})")
-        p.add_argument("--key", default=argparse.SUPPRESS, help="tensor name inside a .safetensors file")
-        p.add_argument("--dtype", choices=("float16", "float32"), default=argparse.SUPPRESS,
-                       help="stored dtype (default: float16 for float16 input, else float32)")
+        add_config_args(p, ImportConfig, group="import options")
         p.add_argument("--resume", action="store_true",
                        help="continue an import stopped part way (e.g. by a full disk; same arguments)")
         p.add_argument("--force", action="store_true", help="overwrite an existing store")
@@ -237,10 +227,9 @@ class ImportCommand(Command):
                        help="show a progress bar")
 
     def run(self, args):
-        from .store import import_array
-        options = {k: getattr(args, k) for k in ("test_fraction", "seed", "site", "key", "dtype") if k in args}
-        path = import_array(args.array, args.out, force=args.force, resume=args.resume, progress=args.progress,
-                            **options)
+        from .store import ImportConfig, import_array
+        path = import_array(args.array, args.out, _store_config(ImportConfig, args), force=args.force,
+                            resume=args.resume, progress=args.progress)
         print(f"wrote {path}")
 
 

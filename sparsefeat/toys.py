@@ -28,12 +28,11 @@ from scipy.special import ndtri
 from tqdm.auto import tqdm
 
 from . import __version__
-from .errors import SparsefeatError
+from .errors import ConfigError, SparsefeatError
 from .files import OutputError, check_output
-from .store import ActivationStore, AlreadyComplete, StoreError, StoreWriter, check_test_fraction, split_rows
+from .store import ActivationStore, AlreadyComplete, StoreError, StoreWriter, check_int, check_test_fraction, split_rows
+from .store.writer import DTYPES
 
-DEFAULT_N_SAMPLES = 100_000
-DEFAULT_BLOCK_ROWS = 8192
 SITE = "x"
 
 # Independent random streams derived from the seed (numpy SeedSequence entropy = [seed, stream, ...]).
@@ -495,22 +494,51 @@ def describe_like(store: str | os.PathLike, site: str | None = None) -> dict:
                     scale=s.mean_squared_norm(site, "train"))
 
 
-def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_SAMPLES, seed: int = 0,
-              test_fraction: float = 0.1, dtype: str = "float32", force: bool = False, resume: bool = False,
-              like: tuple | None = None, block_rows: int = DEFAULT_BLOCK_ROWS, progress: bool = True,
-              **params) -> Path:
-    """Generate `n_samples` rows of toy `kind` into the store `out` (site "x") and return its path.
+@dataclass(frozen=True)
+class ToyConfig:
+    """How a toy store is written, whatever the toy (its own parameters are its `Params`): the one
+    place `write_toy` and `sparsefeat toy` take their defaults from. Bad values raise `ConfigError`
+    when the config is built."""
 
-    `params` are the fields of the toy's Params (e.g. n_features=64, d=32 for "sparse").
-    `resume=True` continues a killed run (same arguments) and gives exactly the rows of an
-    uninterrupted one. `like=(store, site)` sets d and scale from an existing store.
+    n_samples: int = field(default=100_000, metadata={"help": "rows to generate"})
+    seed: int = field(default=0, metadata={"help": "seed of the toy's structure, its rows and the train/test split"})
+    test_fraction: float = field(default=0.1, metadata={"help": "share of rows held out for the test split"})
+    dtype: str = field(default="float32", metadata={"help": "stored dtype", "choices": DTYPES})
+    block_rows: int = field(default=8192, metadata={
+        "help": "rows generated per block (each block has its own random stream, so this changes the rows)"})
+
+    def __post_init__(self):
+        check_int("n_samples", self.n_samples, minimum=1)
+        check_int("seed", self.seed)
+        check_test_fraction(self.test_fraction)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}")
+        check_int("block_rows", self.block_rows, minimum=1)
+
+    @classmethod
+    def split(cls, options: dict, base: ToyConfig | None = None) -> tuple[ToyConfig, dict]:
+        """`base` (default: ToyConfig()) with the options that are its fields replaced, and the rest
+        (a toy's Params fields)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in options.items() if k in names}
+        return dataclasses.replace(base or cls(), **mine), {k: v for k, v in options.items() if k not in names}
+
+
+def write_toy(kind: str, out: str | os.PathLike, config: ToyConfig | None = None, *, like: tuple | None = None,
+              force: bool = False, resume: bool = False, progress: bool = True, **options) -> Path:
+    """Generate `config.n_samples` rows of toy `kind` into the store `out` (site "x"); returns its path.
+
+    `options` are fields of `ToyConfig` (n_samples=..., seed=..., ...), applied on top of `config`,
+    and of the toy's Params (e.g. n_features=64, d=32 for "sparse"). `resume=True` continues a
+    killed run (same arguments) and gives exactly the rows of an uninterrupted one.
+    `like=(store, site)` sets d and scale from an existing store.
     """
     out = Path(out)
-    if n_samples <= 0 or block_rows <= 0:
-        raise SparsefeatError(f"{out}: n_samples and block_rows must be positive")
-    if seed < 0:
-        raise SparsefeatError(f"{out}: seed must be non-negative, got {seed}")
-    check_test_fraction(test_fraction, out)
+    try:
+        config, params = ToyConfig.split(options, config)
+    except ConfigError as e:
+        raise ConfigError(f"{out}: {e}") from None
+    n_samples, seed, test_fraction, block_rows = config.n_samples, config.seed, config.test_fraction, config.block_rows
     inputs = [p for p in ((like or (None,))[0], params.get("source")) if p]
     try:  # the store a toy is made like (or matched to) is never the output, even with --force
         check_output(out, force=True, inputs=inputs, allow_existing=True)
@@ -529,7 +557,7 @@ def write_toy(kind: str, out: str | os.PathLike, *, n_samples: int = DEFAULT_N_S
     if like is not None:
         provenance["like"] = like
     try:
-        writer = StoreWriter(out, sites={SITE: toy.d}, provenance=provenance, kind="toy", dtype=dtype,
+        writer = StoreWriter(out, sites={SITE: toy.d}, provenance=provenance, kind="toy", dtype=config.dtype,
                              split_unit="row", test_fraction=test_fraction, split_seed=seed,
                              resume=resume, force=force)
     except AlreadyComplete:  # killed after its final rename: the store is whole

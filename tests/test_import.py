@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 
@@ -13,7 +14,8 @@ from safetensors.torch import save_file as save_torch
 
 from sparsefeat import cli
 from sparsefeat import store as store_module
-from sparsefeat.store import ActivationStore, StoreError, import_array, partial_path, split_rows
+from sparsefeat.errors import ConfigError
+from sparsefeat.store import ActivationStore, ImportConfig, StoreError, import_array, partial_path, split_rows
 
 
 @pytest.fixture
@@ -155,3 +157,50 @@ def test_cli_import_end_to_end_and_errors(tmp_path, array, capsys):
         assert cli.main(bad) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and re.match(r"sparsefeat import: error: \S+: ", err)
+
+
+# --------------------------------------------------------------------------------------------
+# ImportConfig: the one source of import_array's and `sparsefeat import`'s defaults (issue 9.3)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(test_fraction=1.0), "test fraction must be in \\(0, 1\\)"),
+    (dict(seed=-2), "seed must be a non-negative whole number, got -2"),
+    (dict(site="a/b"), "bad site name 'a/b'"),
+    (dict(dtype="float64"), "dtype must be float16 or float32, not 'float64'"),
+    (dict(key=""), "key must be a tensor name"),
+])
+def test_import_config_refuses_bad_values_with_a_config_error(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        ImportConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_import_array_takes_a_config_or_its_fields_as_keywords(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(600 * 4, dtype=np.float32).reshape(600, 4))
+    a = import_array(tmp_path / "a.npy", tmp_path / "a.h5", ImportConfig(seed=3, site="h", dtype="float16"),
+                     progress=False)
+    b = import_array(tmp_path / "a.npy", tmp_path / "b.h5", seed=3, site="h", dtype="float16", progress=False)
+    for path in (a, b):
+        with ActivationStore(path) as s:
+            assert s.sites == ["h"] and s.f["activations/h"].dtype == np.float16 and s.attrs["split_seed"] == 3
+    with ActivationStore(a) as s, ActivationStore(b) as t:
+        np.testing.assert_array_equal(s.split_mask("test"), t.split_mask("test"))
+    with pytest.raises(ConfigError, match="c.h5: import has no option sead \\(valid: test_fraction, seed, site"):
+        import_array(tmp_path / "a.npy", tmp_path / "c.h5", sead=3, progress=False)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cli_import_options_and_their_defaults_come_from_import_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["import", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(ImportConfig):
+        assert f"--{f.name.replace('_', '-')}" in text and f"{f.metadata['help']} (default: {f.default})" in text
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
+    assert cli.main(["import", str(tmp_path / "a.npy"), "--out", str(tmp_path / "o.h5"), "--seed", "-1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "o.h5: seed must be a non-negative whole number, got -1" in err
+    assert not (tmp_path / "o.h5").exists()

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import h5py
@@ -779,9 +780,64 @@ def test_checksums_cover_every_block_and_survive_resume(tmp_path, make_store):
     with ActivationStore(path) as s:
         assert s.verify() == {"x": 2} and s.format_version == FORMAT_VERSION == 2
         sums = s.f["checksums/x"][:]
+        assert s.f["checksums/x"].attrs["algorithm"] == "crc32"
         x = s.f["activations/x"][:]
-    import zlib
-    assert [zlib.adler32(np.ascontiguousarray(x[lo:lo + 4096])) for lo in (0, 4096)] == list(sums)
+    assert [zlib.crc32(np.ascontiguousarray(x[lo:lo + 4096])) for lo in (0, 4096)] == list(sums)
+
+
+def _as_adler32(f: h5py.File, site: str = "x") -> None:
+    """Rewrite a store's checksums as the first version 2 stores had them: Adler-32, so named."""
+    c, x = f["checksums"][site], f["activations"][site]
+    rows = int(c.attrs["chunk_rows"])
+    n = int(f["rows/committed"][0])
+    c[:] = [zlib.adler32(np.ascontiguousarray(x[lo:min(n, lo + rows)])) for lo in range(0, n, rows)]
+    c.attrs["algorithm"] = "adler32"
+
+
+def test_stores_checksummed_with_adler32_are_verified_and_resumed_in_kind(tmp_path, make_store, capsys):
+    path = make_store(n=9000, d=64, block=1000)
+    with h5py.File(path, "a") as f:
+        _as_adler32(f)
+    with ActivationStore(path) as s:
+        assert s.verify() == {"x": 3} and sum(len(b) for b in s.batches("x", "all", 500)) == 9000
+    _flip_bytes(path, row=100)
+    with ActivationStore(path) as s, pytest.raises(StoreError, match="block 0 .* fails its checksum"):
+        s.load("x")
+    # a partial store from that version resumes with Adler-32, continuing its last, partial block
+    part, want = tmp_path / "p.h5", indexed_rows(0, 9000, 64)
+    w = StoreWriter(part, sites={"x": 64}, provenance={"run": 1})
+    w.append({"x": want[:5000]}, test=np.zeros(5000))
+    w.close(complete=False)
+    with h5py.File(partial_path(part), "a") as f:
+        _as_adler32(f)
+    with StoreWriter(part, sites={"x": 64}, provenance={"run": 1}, resume=True) as w:
+        w.append({"x": want[5000:]}, test=np.zeros(4000))
+    with ActivationStore(part) as s:
+        assert s.f["checksums/x"].attrs["algorithm"] == "adler32" and s.verify() == {"x": 3}
+        x = s.f["activations/x"][:]
+    np.testing.assert_array_equal(x, want)
+    with h5py.File(part, "a") as f:
+        f["checksums/x"].attrs["algorithm"] = "sha-0"
+    assert cli.main(["inspect", "--verify", str(part)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown checksum algorithm 'sha-0'" in err
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_damaged_block_stops_the_stream_before_any_of_its_rows_is_used(make_store, shuffle):
+    """A damaged block raises before a batch holds any of its rows; the rows handed out before
+    come from sound blocks only."""
+    path = make_store(n=9000, d=64, block=1000)  # blocks of 4,096 rows: 0..4095, 4096..8191, 8192..8999
+    _flip_bytes(path, row=8500)
+    with ActivationStore(path) as s:
+        got = []
+        with pytest.raises(StoreError, match="block 2 \\(rows 8192..8999\\) fails its checksum"):
+            for b in s.batches("x", "all", 512, shuffle=shuffle, buffer_rows=1, seed=5):
+                got.append(b[:, 0].numpy().astype(np.int64))
+        ids = np.concatenate(got) if got else np.zeros(0, dtype=np.int64)
+        assert (ids < 8192).all()
+        if not shuffle:  # blocks 0 and 1 come first, whole, and their rows are handed out
+            assert ids.shape[0] == 8192
 
 
 def test_damaged_rows_are_found_by_inspect_verify_and_by_every_reader(make_store, capsys):

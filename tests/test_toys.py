@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from sparsefeat import cli
-from sparsefeat.errors import SparsefeatError
+from sparsefeat.errors import ConfigError, SparsefeatError
 from sparsefeat.store import ActivationStore, StoreWriter, partial_path
-from sparsefeat.toys import TOYS, Sparse, SparseParams, feature_probabilities, write_toy
+from sparsefeat.toys import TOYS, Sparse, SparseParams, ToyConfig, feature_probabilities, write_toy
 
 SMALL = {"sparse": dict(n_features=24, d=12), "gmm": dict(k=5, d=12), "square": dict(d=12),
          "hypercube": dict(q=3, d=12), "gaussian": dict(d=12)}
@@ -249,7 +250,7 @@ def test_bad_parameters_give_one_line_and_write_nothing(tmp_path, sparse_toy, di
         (dict(kind="matched"), "matched needs a source store"),
         (dict(kind="matched", source=str(tmp_path / "none.h5")), "none.h5: no such file"),
         (dict(kind="matched", source=str(sparse_toy), like=(sparse_toy, None)), "takes its width and scale from"),
-        (dict(kind="gaussian", n_samples=0), "n_samples and block_rows must be positive"),
+        (dict(kind="gaussian", n_samples=0), "t.h5: n_samples must be a positive whole number, got 0"),
     ]
     for kw, pattern in cases:
         with pytest.raises(SparsefeatError, match=pattern) as e:
@@ -407,3 +408,68 @@ def test_default_toy_killed_while_closing_resumes_bit_identical(tmp_path, defaul
     assert cli.main(TOY_DEFAULT + ["--out", str(out), "--resume"]) == 0
     assert not partial_path(out).exists()
     _same_store(out, default_toy)
+
+
+# --------------------------------------------------------------------------------------------
+# ToyConfig: the one source of write_toy's and `sparsefeat toy`'s defaults (issue 9.3)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(n_samples=0), "n_samples must be a positive whole number, got 0"),
+    (dict(n_samples=2.5), "n_samples must be a positive whole number, got 2.5"),
+    (dict(seed=-1), "seed must be a non-negative whole number, got -1"),
+    (dict(seed=True), "seed must be a non-negative whole number, got True"),
+    (dict(test_fraction=0.0), "test fraction must be in \\(0, 1\\)"),
+    (dict(test_fraction="0.1"), "test fraction must be in \\(0, 1\\)"),
+    (dict(dtype="int8"), "dtype must be float16 or float32, not 'int8'"),
+    (dict(block_rows=0), "block_rows must be a positive whole number, got 0"),
+])
+def test_toy_config_refuses_bad_values_with_a_config_error(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        ToyConfig(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_write_toy_takes_a_config_or_its_fields_as_keywords_alike(tmp_path):
+    config = ToyConfig(n_samples=700, seed=4, test_fraction=0.25, dtype="float16", block_rows=300)
+    a = write_toy("gaussian", tmp_path / "a.h5", config, d=6, progress=False)
+    b = write_toy("gaussian", tmp_path / "b.h5", n_samples=700, seed=4, test_fraction=0.25, dtype="float16",
+                  block_rows=300, d=6, progress=False)
+    c = write_toy("gaussian", tmp_path / "c.h5", ToyConfig(n_samples=700, seed=4), test_fraction=0.25,
+                  dtype="float16", block_rows=300, d=6, progress=False)  # keywords on top of a config
+    rows = []
+    for path in (a, b, c):
+        with ActivationStore(path) as s:
+            p = s.provenance
+            assert (p["n_samples"], p["seed"], p["block_rows"], s.test_fraction) == (700, 4, 300, 0.25)
+            rows.append(s.f["activations/x"][:])
+    assert rows[0].dtype == np.float16
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(rows[0], rows[2])
+    with pytest.raises(ConfigError, match="d.h5: n_samples must be a positive whole number"):
+        write_toy("gaussian", tmp_path / "d.h5", config, n_samples=0, d=6, progress=False)
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_cli_toy_options_and_their_defaults_come_from_toy_config(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["toy", "gaussian", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(ToyConfig):
+        assert f"--{f.name.replace('_', '-')}" in text
+        assert f"{f.metadata['help']} (default: {f.default})" in text
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--n-samples", "0"], "o.h5: n_samples must be a positive whole number, got 0"),
+    (["--block-rows", "-5"], "o.h5: block_rows must be a positive whole number, got -5"),
+    (["--seed", "-1"], "o.h5: seed must be a non-negative whole number, got -1"),
+])
+def test_cli_toy_bad_store_options_exit_2_with_one_line_naming_the_output(tmp_path, capsys, argv, pattern):
+    import re
+    out = tmp_path / "o.h5"
+    assert cli.main(["toy", "gaussian", "--d", "4", "--out", str(out), "--no-progress"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparsefeat toy: error:") and re.search(pattern, err), err
+    assert not list(tmp_path.iterdir())

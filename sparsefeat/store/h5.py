@@ -14,7 +14,8 @@ from .. import __version__
 from ..errors import SparsefeatError
 
 FORMAT = "sparsefeat.activations"
-# 2: adds checksums/<site> (per-chunk Adler-32 of the row data). Version 1 files are still read.
+# 2: adds checksums/<site> (per-chunk checksum of the row data, algorithm named by its attribute:
+#    crc32, or adler32 in the first version 2 files). Version 1 files are still read.
 FORMAT_VERSION = 2
 
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,65 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..errors import ConfigError
 from ..files import OutputError, check_output
 from .h5 import StoreError, first_line
 from .splits import split_rows
 from .writer import COPY_BLOCK_BYTES, DTYPES, AlreadyComplete, StoreWriter, check_site_name, chunk_rows_for
 
 ARRAY_SUFFIXES = (".npy", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """How an array becomes a store: the one place `import_array` and `sparsefeat import` take
+    their defaults from. Bad values raise `ConfigError` when the config is built."""
+
+    test_fraction: float = field(default=0.1, metadata={"help": "share of rows held out for the test split"})
+    seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
+    site: str = field(default="x", metadata={"help": "site name in the store"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "stored dtype; unset: float16 for float16 input, else float32", "choices": DTYPES})
+    key: str | None = field(default=None, metadata={"help": "tensor name inside a .safetensors file"})
+
+    def __post_init__(self):
+        check_test_fraction(self.test_fraction)
+        check_int("seed", self.seed)
+        try:
+            check_site_name(self.site)
+        except StoreError as e:
+            raise ConfigError(str(e)) from None
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}")
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise ConfigError(f"key must be a tensor name, not {self.key!r}")
+
+
+def check_test_fraction(test_fraction, where=None) -> float:
+    """Toys and imports need test rows (a sweep measures held-out loss): (0, 1)."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.0 < test_fraction < 1.0:
+        prefix = f"{where}: " if where is not None else ""
+        raise ConfigError(f"{prefix}test fraction must be in (0, 1) (a sweep needs test rows), got {test_fraction}")
+    return float(test_fraction)
+
+
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """A whole number >= minimum (bools and floats refused: a config field, not a count to round)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "non-negative" if minimum == 0 else ("positive" if minimum == 1 else f">= {minimum}")
+        raise ConfigError(f"{name} must be a {bound} whole number, got {value!r}")
+    return value
+
+
+def import_config(config: ImportConfig | None = None, **options) -> ImportConfig:
+    """`config` (default: ImportConfig()) with `options` (its fields) replaced; an unknown option is
+    refused with the list of valid ones."""
+    valid = [f.name for f in dataclasses.fields(ImportConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"import has no option {', '.join(unknown)} (valid: {', '.join(valid)})")
+    return dataclasses.replace(config or ImportConfig(), **options)
 
 
 class _ArraySource:
@@ -103,31 +158,32 @@ class _ArraySource:
         self._handle = None  # safe_open has no close(); dropping it releases the file
 
 
-def import_array(array_path: str | os.PathLike, out: str | os.PathLike, *, test_fraction: float = 0.1,
-                 seed: int = 0, site: str = "x", dtype: str | None = None, key: str | None = None,
-                 force: bool = False, resume: bool = False, progress: bool = True) -> Path:
+def import_array(array_path: str | os.PathLike, out: str | os.PathLike, config: ImportConfig | None = None, *,
+                 force: bool = False, resume: bool = False, progress: bool = True, **options) -> Path:
     """Turn a [rows, d] array in a .npy / .pt / .safetensors file into a store (kind "import").
 
-    Rows are split per row (`split_rows`, so row order does not matter). `dtype` defaults to
-    float16 for float16 input and float32 otherwise. Rows with NaN or Inf are refused with a count;
-    the output is written atomically and an existing one is kept unless `force`. A full disk keeps
-    the rows copied so far; `resume=True` continues after them.
+    Settings come from `config` (`ImportConfig`), with any of its fields given as keyword `options`
+    on top (`import_array(src, out, seed=3)`). Rows are split per row (`split_rows`, so row order
+    does not matter). Rows with NaN or Inf are refused with a count; the output is written
+    atomically and an existing one is kept unless `force`. A full disk keeps the rows copied so
+    far; `resume=True` continues after them.
     """
     array_path, out = Path(array_path), Path(out)
-    check_test_fraction(test_fraction, out)
-    check_site_name(site, out)
-    if dtype is not None and dtype not in DTYPES:
-        raise StoreError(f"{out}: dtype must be float16 or float32, not {dtype!r}")
+    try:
+        config = import_config(config, **options)
+    except ConfigError as e:
+        raise ConfigError(f"{out}: {e}") from None
+    test_fraction, seed, site = config.test_fraction, config.seed, config.site
     try:  # fail before reading anything; the input is never the output, even with --force
         check_output(out, force=True, inputs=[array_path], allow_existing=True)
     except OutputError as e:
         raise StoreError(str(e)) from None
     if out.exists() and not force and not resume:
         raise StoreError(f"{out}: already exists; pass --force to overwrite it")
-    src = _ArraySource(array_path, key)
+    src = _ArraySource(array_path, config.key)
     try:
         n, d = src.shape
-        dtype = dtype or ("float16" if src.dtype == "float16" else "float32")
+        dtype = config.dtype or ("float16" if src.dtype == "float16" else "float32")
         provenance = dict(source=str(array_path.resolve()), format=src.format, key=src.key, shape=[n, d],
                           source_dtype=src.dtype, bytes=array_path.stat().st_size, package_version=__version__)
         chunk = chunk_rows_for(d, np.dtype(dtype).itemsize)
@@ -152,13 +208,6 @@ def import_array(array_path: str | os.PathLike, out: str | os.PathLike, *, test_
         return writer.close()
     finally:
         src.close()
-
-
-def check_test_fraction(test_fraction, where) -> float:
-    """Toys and imports need test rows (a sweep measures held-out loss): (0, 1)."""
-    if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
-        raise StoreError(f"{where}: test fraction must be in (0, 1) (a sweep needs test rows), got {test_fraction}")
-    return float(test_fraction)
 
 
 def _copy_rows(src: _ArraySource, writer: StoreWriter, site: str, block: int, test_fraction: float,

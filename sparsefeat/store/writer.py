@@ -45,10 +45,11 @@ def chunk_rows_for(d: int, itemsize: int) -> int:
     return max(1, CHUNK_BYTES // (d * itemsize))
 
 
-def check_site_name(site: str, where) -> str:
+def check_site_name(site: str, where=None) -> str:
     """A site is an HDF5 dataset name: letters, digits, `_`, `.`, `-`, not starting with `.` or `-`."""
     if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
-        raise StoreError(f"{where}: bad site name {site!r} (use letters, digits, '_', '.' or '-', "
+        prefix = f"{where}: " if where is not None else ""
+        raise StoreError(f"{prefix}bad site name {site!r} (use letters, digits, '_', '.' or '-', "
                          "starting with a letter, digit or '_')")
     return site
 
@@ -246,6 +247,7 @@ class StoreWriter:
         self.committed_rows = 0
         self.committed_docs = 0
         self._sums = {site: np.zeros(0, dtype=np.uint32) for site in self.sites}
+        self._algorithms = {site: checksums.ALGORITHM for site in self.sites}
 
     def _reopen(self) -> None:
         try:
@@ -274,15 +276,16 @@ class StoreWriter:
                 self.committed_docs = nd
             else:
                 self.committed_docs = 0
-            self._sums = {}
+            self._sums, self._algorithms = {}, {}
             for site in self.sites:  # the last block's checksum may have run past the committed rows
                 c = f[checksums.GROUP][site]
                 chunk_rows = int(c.attrs["chunk_rows"])
+                algorithm = self._algorithms[site] = checksums.algorithm_of(c, self.tmp)  # continue in kind
                 c.resize((-(-n // chunk_rows),))
                 sums = c[:]
                 if n % chunk_rows:
                     lo = n // chunk_rows * chunk_rows
-                    sums = checksums.extend(sums[:-1], f["activations"][site][lo:n], lo, chunk_rows)
+                    sums = checksums.extend(sums[:-1], f["activations"][site][lo:n], lo, chunk_rows, algorithm)
                     c[-1] = sums[-1]
                 self._sums[site] = sums
             for key in ("complete", "completed", "rows"):  # a run killed while it was being closed
@@ -377,7 +380,7 @@ class StoreWriter:
             ds[start:stop] = a
             c = f[checksums.GROUP][site]
             chunk_rows = int(c.attrs["chunk_rows"])
-            sums[site] = checksums.extend(self._sums[site], a, start, chunk_rows)
+            sums[site] = checksums.extend(self._sums[site], a, start, chunk_rows, self._algorithms[site])
             c.resize(sums[site].shape)
             c0 = start // chunk_rows
             c[c0:] = sums[site][c0:]
