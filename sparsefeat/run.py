@@ -3,6 +3,7 @@
     out/
       study.toml   the effective config (every key; copy it, edit it, pass it back with --config)
       stores/      toy stores, MiniLM (trained and random-init) activations, matched-Gaussian nulls
+      calibration/ per dataset: the sparsity values a short run tried, the L0 each reached, the grid
       sweeps/      one results file per dataset/site
       figures/     PNG and PDF (plots.py)
       count.json   the count table (count.py), in full
@@ -10,9 +11,13 @@
 
 The study config is a TOML file built once into typed dataclasses (`StudyConfig`: StudyOptions, one
 ToyEntry per toy, ModelConfig around a HarvestConfig, a SweepConfig for toys and one for model sites,
-CountConfig); each table overrides the defaults below (the `--quick` profile first, then the file), and a
+CalibrationConfig, CountConfig); each table overrides the defaults below (the `--quick` profile first, then the file), and a
 wrong key, type or value is one ConfigError line before anything runs. The layout of study.toml is
-unchanged; a study.toml of an older version (fewer keys) loads and is compared as a value. Finished stores and sweeps are kept on a re-run
+unchanged; a study.toml of an older version (fewer keys) loads and is compared as a value.
+
+The sparsity grid of each dataset is calibrated (calibrate.py: a short run finds the penalty that
+reaches a target L0, the grid spreads a few settings around it), unless the sweep table gives a fixed
+l1 or k list: a fixed list overrides the calibration of that kind of sweep ([sweep.toy], [sweep.model]). Finished stores and sweeps are kept on a re-run
 without `force`; a run killed half way resumes where it stopped.
 """
 
@@ -45,9 +50,10 @@ from .files import check_folder_writable, write_text
 QUICK_DURATION = "about a minute on 2 CPU cores"
 QUICK = {
     "study": {"toy_samples": 16_000},
-    "model": {"layers": [0, 6], "max_tokens": 6_000},
+    "model": {"max_tokens": 6_000},
     "sweep": {"toy": {"sizes": [16, 32, 64, 128], "steps": 600},
-              "model": {"sizes": [48, 96, 192], "steps": 600, "checkpoint_every": 0}},
+              "model": {"sizes": [24, 48, 96], "steps": 400, "checkpoint_every": 0}},
+    "calibration": {"steps": 200},
     "count": {"bootstrap": 200},
 }
 
@@ -80,16 +86,26 @@ TOY_KEYS = ("kind", "n_samples", "seed", "enabled")
 
 def default_toys() -> dict[str, dict]:
     # 64 features in 32 dims, about 2 active per row: an SAE recovers them on CPU in seconds, so the
-    # count can be checked against the truth; the controls have the same width.
+    # count can be checked against the truth; the controls have the same width. circle and sphere are
+    # manifolds an SAE tiles with as many latents as it has (Michaud et al. 2025): the count must not
+    # report the tiles as features, so they get a matched null too (MANIFOLDS).
     return {"sparse": dict(kind="sparse", n_features=64, mean_active=2.0),
             "gmm": dict(kind="gmm", k=12),
-            "square": dict(kind="square")}
+            "square": dict(kind="square"),
+            "circle": dict(kind="circle"),
+            "sphere": dict(kind="sphere")}
+
+
+MANIFOLDS = ("circle", "sphere")  # toy kinds without features whose count is read against a matched null
 
 
 def _default_harvest():
     from .harvest import HarvestConfig
-    # Only what the study changes from HarvestConfig's own defaults: three layers, a CPU-sized corpus.
-    return HarvestConfig(layers=[0, 3, 6], max_tokens=24_000, max_length=128)
+    # Only what the study changes from HarvestConfig's own defaults: layer 0 (the baseline) and layer 6,
+    # a CPU-sized corpus. The default corpus (pydoc + stdlib docstrings, ~525k tokens) takes minutes to
+    # harvest on 2 cores; the first 24k tokens of it are pydoc anyway, so the demo names pydoc alone
+    # (honest provenance, and the stdlib is not parsed for nothing). experiments/ run the full corpus.
+    return HarvestConfig(layers=[0, 6], corpus=["pydoc"], max_tokens=24_000, max_length=128)
 
 
 @dataclass
@@ -104,14 +120,12 @@ class ModelConfig:
 
 def _default_sweep(kind: str):
     from .train import SweepConfig
-    # Budgets measured on 2 CPU cores: a toy sweep ~10 s, a model sweep ~40 s (d = 384, up to 2d).
-    # Toys: two sparsity settings for the frontier figure; lr 1e-2 converges in 1000 steps there.
-    # Model sites: lr 1e-2 killed half the latents at m >= d, so 3e-3; α for L0 around 20-40.
+    # The sparsity grid is calibrated per dataset (no l1 here; [calibration]). Toys: lr 1e-2 converges in
+    # 1000 steps. Model sites: lr 1e-2 killed half the latents at m >= d, so 3e-3; sizes up to the width
+    # d = 384, since every model site now trains three settings (the demo's time budget).
     if kind == "toy":
-        return SweepConfig(sizes=[16, 32, 64, 128, 256], l1=[0.3, 1.0], seeds=[0, 1], steps=1000, lr=1e-2,
-                           checkpoint_every=0)
-    return SweepConfig(sizes=[48, 96, 192, 384, 768], l1=[0.05], seeds=[0, 1], steps=1000, lr=3e-3,
-                       checkpoint_every=500)
+        return SweepConfig(sizes=[16, 32, 64, 128, 256], seeds=[0, 1], steps=1000, lr=1e-2, checkpoint_every=0)
+    return SweepConfig(sizes=[48, 96, 192, 384], seeds=[0, 1], steps=1000, lr=3e-3, checkpoint_every=500)
 
 
 @dataclass
@@ -126,6 +140,12 @@ def _default_count():
     return CountConfig()
 
 
+def _default_calibration():
+    from .calibrate import CalibrationConfig
+    # Calibration runs at half the width: at d = 384 a run at 1x cost a third of a model sweep.
+    return CalibrationConfig(size="0.5x")
+
+
 @dataclass
 class StudyConfig:
     """The whole study, typed and validated once (`make_config`); `to_table` gives its TOML layout."""
@@ -133,7 +153,12 @@ class StudyConfig:
     toys: dict[str, ToyEntry] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     sweep: SweepsConfig = field(default_factory=SweepsConfig)
+    calibration: Any = field(default_factory=_default_calibration)  # CalibrationConfig
     count: Any = field(default_factory=_default_count)  # CountConfig
+
+    def calibrating(self, kind: str) -> bool:
+        """Whether the sweeps of this kind ("toy" or "model") take their sparsity grid from a calibration."""
+        return bool(getattr(self.calibration, kind))
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,8 +179,21 @@ def to_table(config: StudyConfig) -> dict:
              **dataclasses.asdict(config.model.harvest)}
     return _without_none({
         "study": dataclasses.asdict(config.study), "toys": toys, "model": model,
-        "sweep": {"toy": dataclasses.asdict(config.sweep.toy), "model": dataclasses.asdict(config.sweep.model)},
+        "sweep": {kind: sweep_table(config, kind) for kind in ("toy", "model")},
+        "calibration": dataclasses.asdict(config.calibration),
         "count": dataclasses.asdict(config.count)})
+
+
+SPARSITY_KEYS = ("l1", "k")  # the sparsity lists of a SweepConfig: a fixed grid when a file gives one
+
+
+def sweep_table(config: StudyConfig, kind: str) -> dict:
+    """[sweep.KIND] without the sparsity lists when that kind is calibrated (the grid is not a setting)."""
+    table = dataclasses.asdict(getattr(config.sweep, kind))
+    if config.calibrating(kind):
+        for key in SPARSITY_KEYS:
+            table.pop(key, None)
+    return table
 
 
 def _without_none(table: dict) -> dict:
@@ -194,7 +232,26 @@ def make_config(overrides: dict | None = None, *, quick: bool = False, source: s
     it leaves that toy out. Any wrong key, type or value is one `ConfigError` naming file and table."""
     if not isinstance(overrides or {}, dict):
         raise ConfigError(f"{source}: expected tables of keys")
-    return from_table(deep_merge(default_table(quick=quick), overrides or {}), source)
+    overrides = fixed_grids(overrides or {}, source)
+    return from_table(deep_merge(default_table(quick=quick), overrides), source)
+
+
+def fixed_grids(overrides: dict, source: str) -> dict:
+    """A fixed l1 or k list in [sweep.toy] or [sweep.model] turns that kind's calibration off (unless
+    [calibration] says so itself: then both would set the grid, which is refused)."""
+    sweep, calibration = overrides.get("sweep"), overrides.get("calibration", {})
+    if not isinstance(sweep, dict) or not isinstance(calibration, dict):
+        return overrides  # from_table names the wrong type
+    off = {}
+    for kind in ("toy", "model"):
+        fixed = [key for key in SPARSITY_KEYS if isinstance(sweep.get(kind), dict) and key in sweep[kind]]
+        if not fixed:
+            continue
+        if calibration.get(kind) is True:
+            raise ConfigError(f"{source} [sweep.{kind}]: {fixed[0]} is a fixed sparsity grid, but [calibration] "
+                              f"{kind} = true would replace it: leave out one of them")
+        off.setdefault(kind, False)
+    return deep_merge(overrides, {"calibration": off}) if off else overrides
 
 
 def load_config(path: str | os.PathLike | None = None, *, quick: bool = False) -> StudyConfig:
@@ -219,6 +276,7 @@ def load_config(path: str | os.PathLike | None = None, *, quick: bool = False) -
 
 def from_table(data: dict, source: str) -> StudyConfig:
     """Build every section from its table, so a typo or a wrong type fails now, not after an hour of sweeps."""
+    from .calibrate import CalibrationConfig
     from .count import CountConfig
     from .harvest import HarvestConfig
     from .train import SweepConfig
@@ -236,8 +294,9 @@ def from_table(data: dict, source: str) -> StudyConfig:
                                         f"{source} [sweep.{kind}]") for kind in ("toy", "model")})
     toys = {name: build_toy(toy, study, f"{source} [toys.{name}]")
             for name, toy in _table(data, "toys", source).items()}
+    calibration = build(CalibrationConfig, _table(data, "calibration", source), f"{source} [calibration]")
     count = build(CountConfig, _table(data, "count", source), f"{source} [count]")
-    return StudyConfig(study=study, toys=toys, model=model_config, sweep=sweep, count=count)
+    return StudyConfig(study=study, toys=toys, model=model_config, sweep=sweep, calibration=calibration, count=count)
 
 
 def build_toy(table, study: StudyOptions, where: str) -> ToyEntry:
@@ -388,6 +447,7 @@ class Dataset:
     site: str
     kind: str  # "toy" or "model" (which sweep section applies)
     role: str  # as count.infer_role reads it from provenance: toy, control, model, random-init, null
+    generator: str | None = None  # the toy's kind (sparse, gmm, circle, ...); None for model sites
 
 
 class Study:
@@ -400,7 +460,10 @@ class Study:
         self.progress = progress
         self.stores = self.out / "stores"
         self.sweeps = self.out / "sweeps"
+        self.calibration = self.out / "calibration"
+        self.calibrations: dict[str, Any] = {}  # label -> calibrate.Calibration
         self.timings: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds of this process per stage
 
     def log(self, text: str) -> None:
         if self.progress:
@@ -408,10 +471,11 @@ class Study:
 
     def stage(self, name: str, fn):
         self.log(f"{name} ...")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         result = fn()
         self.timings[name] = time.perf_counter() - t0
-        self.log(f"{name}: done in {self.timings[name]:.0f} s")
+        self.cpu[name] = time.process_time() - cpu0  # on a shared machine, what the stage itself cost
+        self.log(f"{name}: done in {self.timings[name]:.0f} s (CPU {self.cpu[name]:.0f} s)")
         return result
 
     def _done(self, path: Path) -> bool:
@@ -431,7 +495,7 @@ class Study:
                 write_toy(toy.kind, path, n_samples=n_samples, seed=seed, force=self.force,
                           resume=partial_path(path).exists() and not self.force, progress=self.progress,
                           **toy_params(toy))
-            out.append(Dataset(name, path, SITE, "toy", infer_store_role(path)))
+            out.append(Dataset(name, path, SITE, "toy", infer_store_role(path), toy.kind))
         return out
 
     def model_stores(self) -> list[Dataset]:
@@ -469,14 +533,47 @@ class Study:
                 write_toy("matched", path, n_samples=rows, seed=self.config.study.seed, source=str(ds.store),
                           site=ds.site, force=self.force, resume=partial_path(path).exists() and not self.force,
                           progress=self.progress)
-            out.append(Dataset(f"null:{ds.label}", path, SITE, ds.kind, "null"))
+            out.append(Dataset(f"null:{ds.label}", path, SITE, ds.kind, "null", "matched"))
         return out
 
     @staticmethod
     def _wants_null(ds: Dataset) -> bool:
         """Data with structure to beat: a toy with ground truth and a trained model's site (not the
-        controls, not the random-init twin)."""
-        return ds.role in ("toy", "model")
+        controls, not the random-init twin), and the manifolds, whose tiles are read against it."""
+        return ds.role in ("toy", "model") or ds.generator in MANIFOLDS
+
+    # -- sparsity grids ---------------------------------------------------------------------
+
+    def calibrate_all(self, datasets: list[Dataset]) -> dict:
+        """The sparsity grid of every dataset whose kind is calibrated, each kept as calibration/LABEL.json
+        (a re-run reads it back instead of training again)."""
+        from .calibrate import Calibration, calibrate
+        for i, ds in enumerate(datasets):
+            if not self.config.calibrating(ds.kind):
+                continue
+            path = self.calibration / f"{_file_stem(ds.label)}.json"
+            if self._done(path):
+                self.calibrations[ds.label] = Calibration(**json.loads(path.read_text()))
+                continue
+            self.log(f"calibration {i + 1}/{len(datasets)}: {ds.label}")
+            cal = calibrate(ds.store, self._sweep_base(ds), self.config.calibration, label=ds.label,
+                            progress=self.progress)
+            write_text(path, json.dumps(dataclasses.asdict(cal), indent=2) + "\n")
+            self.calibrations[ds.label] = cal
+        return self.calibrations
+
+    def _sweep_base(self, ds: Dataset):
+        base = self.config.sweep.toy if ds.kind == "toy" else self.config.sweep.model
+        return dataclasses.replace(base, site=ds.site, label=ds.label)
+
+    def sweep_config(self, ds: Dataset):
+        """The dataset's SweepConfig: its kind's, with the calibrated grid when there is one."""
+        cfg = self._sweep_base(ds)
+        cal = self.calibrations.get(ds.label)
+        if cal is None:
+            return cfg
+        grid = [int(v) for v in cal.grid] if cal.sparsity_name == "k" else list(cal.grid)
+        return dataclasses.replace(cfg, **{cal.sparsity_name: grid})
 
     # -- sweeps ---------------------------------------------------------------------------
 
@@ -484,23 +581,25 @@ class Study:
         from .train import train_sweep
         paths = []
         for i, ds in enumerate(datasets):
-            path = self.sweeps / f"{ds.label.replace('/', '-').replace(':', '-')}.h5"
+            path = self.sweeps / f"{_file_stem(ds.label)}.h5"
             if not self._done(path):
                 self.log(f"sweep {i + 1}/{len(datasets)}: {ds.label}")
-                base = self.config.sweep.toy if ds.kind == "toy" else self.config.sweep.model
-                cfg = dataclasses.replace(base, site=ds.site, label=ds.label)
-                train_sweep(ds.store, cfg, path, resume=not self.force, force=self.force, progress=self.progress)
+                train_sweep(ds.store, self.sweep_config(ds), path, resume=not self.force, force=self.force,
+                            progress=self.progress)
             paths.append(path)
         return paths
 
     # -- analysis -------------------------------------------------------------------------
 
-    def analyse(self, sweeps: list[Path]) -> list:
+    def analyse(self, sweeps: list[Path]):
+        """The count (count.Count: the sensitivity table and one headline per dataset/site), count.json
+        and the figures."""
         from . import count, plots
-        counts = count.count_results(sweeps, self.config.count, progress=self.progress)
-        write_text(self.out / "count.json", json.dumps(count.to_json(counts), indent=2, allow_nan=False) + "\n")
-        plots.plot_all(counts, self.out / "figures", force=True)  # derived from this study's own sweeps
-        return counts
+        result = count.count_study(sweeps, self.config.count, progress=self.progress)
+        write_text(self.out / "count.json",
+                   json.dumps(count.to_json(result.sweeps, result.headlines), indent=2, allow_nan=False) + "\n")
+        plots.plot_all(result.sweeps, self.out / "figures", force=True)  # derived from this study's own sweeps
+        return result
 
     def run_all(self) -> StudyResult:
         """Every stage, then the report."""
@@ -508,34 +607,55 @@ class Study:
         data = self.stage("toy stores", self.toy_stores)
         data += self.stage("model activations", self.model_stores)
         nulls = self.stage("matched nulls", lambda: self.null_stores(data))
+        self.stage("calibration", lambda: self.calibrate_all(data + nulls))
         sweeps = self.stage("sweeps", lambda: self.sweep_all(data + nulls))
-        counts = self.stage("count and figures", lambda: self.analyse(sweeps))
+        result = self.stage("count and figures", lambda: self.analyse(sweeps))
         self.timings["total"] = time.perf_counter() - t0
-        report = write_report(self.out, counts, self.timings)
-        return StudyResult(self.out, data + nulls, sweeps, counts, report, dict(self.timings))
+        report = write_report(self.out, result, self.timings, self.calibrations)
+        return StudyResult(self.out, data + nulls, sweeps, result.sweeps, result.headlines, report,
+                           dict(self.timings), dict(self.calibrations))
 
 
 @dataclass
 class StudyResult:
-    """What a study produced: its datasets, results files, count table, report and stage times."""
+    """What a study produced: its datasets, results files, count (every setting, and one headline per
+    dataset/site), report, stage times and sparsity calibrations."""
     out: Path
     datasets: list[Dataset]
     sweeps: list[Path]
-    counts: list  # count.SweepCount
+    counts: list  # count.SweepCount, one per dataset/site and setting (the sensitivity table)
+    headlines: list  # count.Headline, one per dataset/site
     report: Path
     timings: dict[str, float]
+    calibrations: dict = field(default_factory=dict)  # label -> calibrate.Calibration
 
     def count(self, label: str, sparsity: float | None = None):
-        """The count of one dataset/site (at one sparsity setting when it has several)."""
+        """The count of one dataset/site: at one sparsity setting, or (none given) the headline's setting
+        when it has several."""
         found = [c for c in self.counts if c.label == label and (sparsity is None or c.sparsity == sparsity)]
+        if sparsity is None and len(found) > 1:
+            from .count import chosen_sweep
+            chosen = chosen_sweep(self.headline(label), self.counts)
+            found = [chosen] if chosen is not None else found
         if len(found) != 1:
             raise SparsefeatError(f"{self.out}: {len(found)} sweeps match {label!r} at sparsity {sparsity}")
         return found[0]
 
+    def headline(self, label: str):
+        found = [h for h in self.headlines if h.label == label]
+        if len(found) != 1:
+            raise SparsefeatError(f"{self.out}: no headline for {label!r}")
+        return found[0]
+
     def summary(self) -> str:
-        from .count import TABLE_COLUMNS, format_table, table_rows
+        from .count import TABLE_COLUMNS, format_table, headline_lines, table_rows
         table = format_table(TABLE_COLUMNS, table_rows(self.counts))
-        return f"{table}\n\nreport: {self.report}\nwall time: {self.timings['total']:.0f} s"
+        heads = "\n".join(headline_lines(self.headlines))
+        return f"{heads}\n\n{table}\n\nreport: {self.report}\nwall time: {self.timings['total']:.0f} s"
+
+
+def _file_stem(label: str) -> str:
+    return label.replace("/", "-").replace(":", "-")
 
 
 def infer_store_role(path: Path) -> str:
@@ -600,24 +720,112 @@ class torch_threads:
 # --------------------------------------------------------------------------------------------
 
 DATA_ROLES = ("toy", "model", "data")
-
-
-def _name(c, counts) -> str:
-    """The label, with the sparsity setting when the study has several for it."""
-    many = sum(1 for o in counts if o.label == c.label) > 1
-    return f"{c.label} ({c.setting})" if many else c.label
+HEADLINE_CONTROLS = ("null", "layer 0", "random init")  # the comparisons a headline line carries
 
 
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.1%}"
 
 
-def answer_train_vs_test(counts) -> list[str]:
+def _chosen(result) -> list:
+    """The sweep of each headline's chosen setting (headlines without one are left out)."""
+    from .count import chosen_sweep
+    return [c for c in (chosen_sweep(h, result.sweeps) for h in result.headlines) if c is not None]
+
+
+def _number(h) -> str:
+    """A headline's number: the estimate, or the lower bound and why there is no estimate."""
+    if h.estimate is not None:
+        return f"**{h.estimate:.0f}±{h.uncertainty:.0f}** features (plateau from m={h.size})"
+    bound = "" if h.lower_bound is None or math.isnan(h.lower_bound) else f"**>{h.lower_bound:.0f}** reproduced directions, "
+    return f"{bound}no estimate ({h.reason})"
+
+
+def _comparison(key: str, comp) -> str:
+    verdict = {True: ", within noise", False: ", beyond noise", None: ""}[comp.within_noise]
+    return f"{comp.text()} over {key} `{comp.against}`{verdict}"
+
+
+def headline_line(h) -> str:
+    """One line of the report's lead: the number (or lower bound), the chosen setting, the rule and the
+    excess over the null, layer 0 and the random-init twin."""
+    expected = "" if h.expected is None else f", expected {h.expected}"
+    comps = [_comparison(k, h.comparisons[k]) for k in HEADLINE_CONTROLS if k in h.comparisons]
+    excess = f"; {'; '.join(comps)}" if comps else ""
+    return f"- **{h.label}** ({h.role}{expected}): {_number(h)} at {h.setting} [{h.rule['name']}]{excess}."
+
+
+def headlines_section(result) -> list[str]:
+    lines = [headline_line(h) for h in result.headlines]
+    rules = {h.rule["name"]: h.rule["description"] for h in result.headlines}
+    return ["One number per dataset/site, at the sparsity setting chosen on held-out data "
+            f"({'; '.join(f'{k}: {v}' for k, v in rules.items())}; docs/method.md). Excess = the estimate minus "
+            "the control's, ± their combined uncertainty; `>`/`<` when one side has only a lower bound; "
+            "`?` when neither saturates (then the difference of N at the largest common size).", "", *lines]
+
+
+def calibration_section(calibrations: dict) -> list[str]:
+    if not calibrations:
+        return ["Every sparsity grid was fixed in the config (no calibration)."]
+    lines = [f"- **{label}**: {cal.text()}" for label, cal in calibrations.items()]
+    missed = [label for label, cal in calibrations.items() if not cal.reached]
+    note = ([f"Outside the band after every round: {', '.join(missed)} (the grid is centred on the closest value "
+             "tried)."] if missed else [])
+    return ["Each grid is centred on the penalty at which a short run reached the target L0 on test rows "
+            "(calibrate.py; every value tried is in `calibration/`):", "", *lines, *([""] + note if note else [])]
+
+
+def objective_rises(c) -> list[tuple[int, int, float]]:
+    """(size, smaller size, relative rise) where a size ends with a training objective above a smaller
+    size's on the same setting (any amount: a larger dictionary can copy a smaller one)."""
+    out = []
+    for k in range(1, len(c.sizes)):
+        best = min(c.sizes[:k], key=lambda r: r.train_objective)
+        if c.sizes[k].train_objective > best.train_objective:
+            out.append((c.sizes[k].size, best.size, c.sizes[k].train_objective / best.train_objective - 1))
+    return out
+
+
+def training_checks(result) -> list[str]:
+    """The two checks of a trustworthy sweep: training objectives that rise with size, and members of a
+    headline's setting with every latent dead."""
+    rises = [(c, r) for c in result.sweeps for r in objective_rises(c)]
+    chosen = {id(c) for c in _chosen(result)}
+    dead = [(c, s) for c in result.sweeps if id(c) in chosen for s in c.sizes if s.all_dead]
     lines = []
-    for c in counts:
-        if c.role not in DATA_ROLES + ("random-init",):
-            continue
-        h, first, last, name = c.held_out, c.sizes[0], c.sizes[-1], _name(c, counts)
+    if rises:
+        lines.append(f"Training objective above a smaller size's on the same setting ({len(rises)} of "
+                     f"{sum(len(c.sizes) - 1 for c in result.sweeps)} larger sizes):")
+        lines += [f"- {c.label} ({c.setting}{', the headline' if id(c) in chosen else ''}): m={m} ends "
+                  f"{rise:+.1%} above m={small}" for c, (m, small, rise) in rises]
+    else:
+        lines.append("No size ends with a training objective above a smaller size's on the same setting.")
+    lines.append("")
+    if dead:
+        lines += ["Members with every latent dead in a headline's setting:",
+                  *[f"- {c.label} ({c.setting}): {s.all_dead} of {s.seeds} at m={s.size}" for c, s in dead]]
+    else:
+        lines.append("No member of a headline's setting has every latent dead.")
+    return lines
+
+
+def sensitivity_table(result) -> str:
+    """Every setting of every dataset/site (count.table_rows) with what the headline rule made of it."""
+    from .count import TABLE_COLUMNS, format_table, table_rows
+    verdict = {}
+    for h in result.headlines:
+        for score in h.scores:
+            verdict[(h.label, score.sparsity["value"])] = score.status + (f": {score.why}" if score.why else "")
+    rows = [row + [verdict.get((c.label, c.sparsity), "-")] for c, row in zip(result.sweeps, table_rows(result.sweeps))]
+    return format_table((*TABLE_COLUMNS, "headline rule"), rows)
+
+
+def answer_train_vs_test(result) -> list[str]:
+    lines = []
+    chosen = [c for c in _chosen(result) if c.role in DATA_ROLES + ("random-init",)]
+    for c in chosen:
+        h, first, last = c.held_out, c.sizes[0], c.sizes[-1]
+        name = f"{c.label} ({c.setting})"
         gap = (f"test − train MSE {first.gap:+.4f} at m={first.size}, {last.gap:+.4f} at m={last.size} "
                f"(train {last.train_mse:.4f}, test {last.test_mse:.4f})")
         if c.warnings:
@@ -631,9 +839,8 @@ def answer_train_vs_test(counts) -> list[str]:
         else:
             lines.append(f"- **{name}**: train and test loss both stop improving at m={h.size} (test "
                          f"{_pct(h.test_change)}, train {_pct(h.train_change)} to m={last.size}); {gap}.")
-    data = [c for c in counts if c.role in DATA_ROLES + ("random-init",)]
-    overfit = [_name(c, counts) for c in data if c.held_out.size is not None and c.held_out.train_still_falls]
-    growing = [_name(c, counts) for c in data if c.sizes[-1].gap > max(2 * c.sizes[0].gap, c.sizes[0].gap + 0.005)]
+    overfit = [c.label for c in chosen if c.held_out.size is not None and c.held_out.train_still_falls]
+    growing = [c.label for c in chosen if c.sizes[-1].gap > max(2 * c.sizes[0].gap, c.sizes[0].gap + 0.005)]
     verdict = (f"Train loss alone would overstate what more latents buy on {', '.join(overfit)}: there, sizes "
                "beyond the held-out stop lower the train loss only. Read every loss curve on test rows."
                if overfit else
@@ -643,88 +850,95 @@ def answer_train_vs_test(counts) -> list[str]:
         verdict += (f" The test − train gap grows with m on {', '.join(growing)}: part of what larger dictionaries "
                     "gain on training rows does not carry over to held-out rows, so the curves to compare are "
                     "the test curves.")
-    return lines + ["", verdict]
+    return ["At each headline's setting:", "", *lines, "", verdict]
 
 
-def answer_false_positives(counts) -> list[str]:
+def answer_false_positives(result) -> list[str]:
     lines = []
-    for c in counts:
-        if c.role in ("control", "null"):
-            expected = f"; it has {c.expected} components" if c.expected else ""
-            lines.append(f"- **{_name(c, counts)}** ({c.role}{expected}): {c.estimate_text()}.")
-    for c in counts:
-        if c.role not in DATA_ROLES + ("random-init",):
+    for h in result.headlines:
+        if h.role in ("control", "null"):
+            expected = f"; it has {h.expected} components" if h.expected else ""
+            null = f"; {_comparison('null', h.comparisons['null'])}" if "null" in h.comparisons else ""
+            lines.append(f"- **{h.label}** ({h.role}{expected}): {_number(h)} at {h.setting}{null}.")
+    for h in result.headlines:
+        if h.role not in DATA_ROLES:
             continue
-        parts = []
-        for key, comp in c.comparisons.items():
-            if comp.role in ("null", "control"):
-                verdict = {True: ", within noise", False: ", beyond noise", None: ""}[comp.within_noise]
-                parts.append(f"{comp.text()} over {comp.against}{verdict}")
-        truth = f" (true number {c.expected})" if c.expected else ""
-        excess = "; ".join(parts) or ("none computed (a control itself)" if c.role == "random-init" else "no control")
-        lines.append(f"- **{_name(c, counts)}**: {c.estimate_text()}{truth}; excess: {excess}.")
-    nulls = [c for c in counts if c.role == "null" and c.saturation.estimate is not None]
+        parts = [_comparison(k, c) for k, c in h.comparisons.items() if c.role in ("null", "control")]
+        truth = f" (true number {h.expected})" if h.expected else ""
+        lines.append(f"- **{h.label}**{truth}: {_number(h)}; excess: {'; '.join(parts) or 'no control'}.")
+    out = lines
+    manifolds = [h for h in result.headlines if "null" in h.comparisons and h.role == "control"]
+    for h in manifolds:
+        comp = h.comparisons["null"]
+        if comp.within_noise or (comp.excess is not None and comp.excess <= 2):
+            out += ["", f"**{h.label}** is a manifold an SAE tiles with as many latents as it has: its count is "
+                        f"{comp.text()} over its matched null, so the count does not report the tiles as features."]
+        else:
+            out += ["", f"**{h.label}** is a manifold an SAE tiles with as many latents as it has, and its count "
+                        f"exceeds its matched null ({comp.text()}): the count cannot tell tiles from features "
+                        "here; read it as tiles, not as features."]
+    nulls = [h for h in result.headlines if h.role == "null" and h.estimate is not None]
     if nulls:
-        worst = max(nulls, key=lambda c: c.saturation.estimate)
-        lines += ["", f"The matched-Gaussian nulls, which have no sparse structure, get at most "
-                      f"{worst.saturation.estimate:.0f} reproduced directions ({worst.label}): that is the count's "
-                      "false-positive floor at these settings; a dataset's count means something only as its excess."]
-    return lines
+        worst = max(nulls, key=lambda h: h.estimate)
+        out += ["", f"The matched-Gaussian nulls, which have no sparse structure, get at most {worst.estimate:.0f} "
+                    f"reproduced directions ({worst.label}): that is the count's false-positive floor; a dataset's "
+                    "count means something only as its excess."]
+    return out
 
 
-def answer_layer_zero(counts) -> list[str]:
-    lines = []
-    for c in counts:
-        if c.role != "model":
-            continue
-        parts = [f"{c.comparisons[k].text()} over {c.comparisons[k].against}" for k in ("layer 0", "random init")
-                 if k in c.comparisons]
-        null = f"; over its null {c.comparisons['null'].text()}" if "null" in c.comparisons else ""
-        lines.append(f"- **{_name(c, counts)}**: {c.estimate_text()}{null}; {'; '.join(parts) or 'the baseline itself'}.")
-    if not lines:
+def answer_layer_zero(result) -> list[str]:
+    models = [h for h in result.headlines if h.role == "model"]
+    if not models:
         return ["No model sites in this study."]
-    models = [c for c in counts if c.role == "model"]
+    lines = []
+    for h in models:
+        parts = [_comparison(k, h.comparisons[k]) for k in ("layer 0", "random init") if k in h.comparisons]
+        lines.append(f"- **{h.label}**: {_number(h)}; {'; '.join(parts) or 'the baseline itself'}.")
     verdict = []
-    if all(c.saturation.estimate is None for c in models):
-        verdict.append(f"No model site saturates inside this sweep (largest size m={models[0].sizes[-1].size}), so "
-                       "the study gives lower bounds, not feature counts, for the model; the comparisons below "
-                       "are of N(m) at the largest common size.")
-    more_random = [c.label for c in models if "random init" in c.comparisons
-                   and (c.comparisons["random init"].excess_at_common_size or 0) < 0]
+    if all(h.estimate is None for h in models):
+        verdict.append("No model site saturates inside this sweep, so the study gives lower bounds, not feature "
+                       "counts, for the model; the comparisons are of N(m) at the largest common size.")
+    more_random = [h.label for h in models if "random init" in h.comparisons
+                   and (h.comparisons["random init"].excess_at_common_size or 0) < 0]
     if more_random:
         verdict.append(f"The random-init model reproduces more directions than the trained one at "
                        f"{', '.join(more_random)}: reproducible directions alone are no evidence of learned features.")
     lines += ["", *verdict] if verdict else []
     return lines + ["", "Excess over layer 0 and over the random-init model's same layer is what a layer adds beyond "
-                        "token embeddings and beyond what the architecture alone produces; '?' marks comparisons "
-                        "where neither side saturated (the number after it is the difference of N(m) at the largest "
-                        "common size, a lower-level signal, not a count)."]
+                        "token embeddings and beyond what the architecture alone produces."]
 
 
 def warnings_section(counts) -> list[str]:
-    lines = [f"- **{_name(c, counts)}**: {w}" for c in counts for w in c.warnings]
+    lines = [f"- **{c.label} ({c.setting})**: {w}" for c in counts for w in c.warnings]
     return ["Warnings (marked * in the table):", "", *lines, ""] if lines else []
 
 
-def write_report(out: Path, counts, timings: dict[str, float]) -> Path:
-    from .count import TABLE_COLUMNS, format_table, size_table, table_rows
+def write_report(out: Path, result, timings: dict[str, float], calibrations: dict | None = None) -> Path:
+    """report.md: the headlines first, then the calibration, the training checks, every setting (the
+    sensitivity table), the three questions, the figures and the by-size tables."""
+    from .count import size_table
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+    figures = sorted(p.name for p in (out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
     text = [f"# sparsefeat study: {out.name}", "",
             f"sparsefeat {__version__}; config: `study.toml`; sweeps: `sweeps/`; figures: `figures/`; "
-            f"full numbers: `count.json`. Wall time {timings.get('total', math.nan):.0f} s "
-            f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')}).", "",
+            f"full numbers: `count.json`. Wall time {timings.get('total', math.nan):.0f} s ({stages}).", "",
+            "## Headlines", "", *headlines_section(result), "",
+            "## Sparsity calibration", "", *calibration_section(calibrations or {}), "",
+            "## Training checks", "", *training_checks(result), "",
+            "## Sensitivity: every setting", "",
             "Counting rule (docs/method.md): alive latents, near-duplicates merged, reproduced across two seeds at "
             "a decoder cosine above both 0.9 and the chance level of random atoms; the estimate is where that "
-            "number N(m) stops growing, or 'no saturation up to m=M' when it never does inside the sweep.", "",
-            "## The count", "", "```", format_table(TABLE_COLUMNS, table_rows(counts)), "```", "",
-            *warnings_section(counts),
-            "## 1. Train or test loss?", "", *answer_train_vs_test(counts), "",
-            "## 2. False positives on controls", "", *answer_false_positives(counts), "",
-            "## 3. Layer 0 as a baseline", "", *answer_layer_zero(counts), "",
-            "## Figures", "",
-            *[f"- `figures/{name}.png`" for name in ("loss_vs_size", "dead_vs_size", "agreement_vs_size",
-                                                      "ground_truth_vs_size", "loss_vs_l0")], "",
+            "number N(m) stops growing, or 'no saturation up to m=M' when it never does inside the sweep. The "
+            "comparison columns need the same setting on both sides, so with calibrated grids they are mostly "
+            "empty: the headlines compare each side at its own chosen setting.", "",
+            "```", sensitivity_table(result), "```", "",
+            *warnings_section(result.sweeps),
+            "## 1. Train or test loss?", "", *answer_train_vs_test(result), "",
+            "## 2. False positives on controls", "", *answer_false_positives(result), "",
+            "## 3. Layer 0 as a baseline", "", *answer_layer_zero(result), "",
+            "## Figures", "", *[f"- `figures/{name}`" for name in figures], "",
             "## By size", ""]
-    for c in counts:
+    for c in result.sweeps:
         text += [f"### {c.label} ({c.role}, {c.setting})", "", "```", size_table(c), "```", ""]
     path = out / "report.md"
     write_text(path, "\n".join(text))
