@@ -13,9 +13,15 @@ from sparsefeat import cli
 from sparsefeat import run as study
 
 
+TOYS = ("sparse", "gmm", "square", "circle", "sphere")
+NULLS = ("null:sparse", "null:circle", "null:sphere", "null:minilm/resid_0", "null:minilm/resid_6")
+MODEL = ("minilm/resid_0", "minilm/resid_6", "minilm-random/resid_0", "minilm-random/resid_6")
+LABELS = TOYS + MODEL + NULLS
+
+
 @pytest.fixture(scope="session")
 def quick_study(tmp_path_factory):
-    """The whole quick study, run once per test session (about 50 s on 2 cores): its tests are slow."""
+    """The whole quick study, run once per test session (about 100 s of CPU): its tests are slow."""
     out = tmp_path_factory.mktemp("study") / "quick"
     code = cli.main(["run", "--quick", "--out", str(out), "--no-progress"])
     assert code == 0
@@ -27,10 +33,13 @@ def test_quick_study_writes_the_whole_folder(quick_study):
     out = quick_study
     assert {p.name for p in out.iterdir()} >= {"stores", "sweeps", "figures", "count.json", "report.md", "study.toml"}
     stores = {p.name for p in (out / "stores").iterdir()}
-    assert stores == {"sparse.h5", "gmm.h5", "square.h5", "minilm.h5", "minilm-random.h5", "null-sparse.h5",
-                      "null-minilm-resid_0.h5", "null-minilm-resid_6.h5"}
-    assert len(list((out / "sweeps").glob("*.h5"))) == 10
-    assert len(list((out / "figures").glob("*.png"))) == 5 and len(list((out / "figures").glob("*.pdf"))) == 5
+    assert stores == {"sparse.h5", "gmm.h5", "square.h5", "circle.h5", "sphere.h5", "minilm.h5", "minilm-random.h5",
+                      "null-sparse.h5", "null-circle.h5", "null-sphere.h5", "null-minilm-resid_0.h5",
+                      "null-minilm-resid_6.h5"}
+    assert len(list((out / "sweeps").glob("*.h5"))) == len(LABELS) == 14
+    assert len(list((out / "calibration").glob("*.json"))) == len(LABELS)  # every grid calibrated
+    pngs, pdfs = list((out / "figures").glob("*.png")), list((out / "figures").glob("*.pdf"))
+    assert pngs and len(pngs) == len(pdfs)
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not list(out.rglob("*.ckpt"))
     # the effective config is complete and valid: it loads back to the same study
     again = study.from_table(tomllib.loads((out / "study.toml").read_text()), "study.toml")
@@ -41,17 +50,49 @@ def test_quick_study_writes_the_whole_folder(quick_study):
 @pytest.mark.slow
 def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
     rows = json.loads((quick_study / "count.json").read_text())
-    by = {(r["label"], r["sparsity"]): r for r in rows}
-    toy = by[("sparse", 0.3)]
+    heads = {r["label"]: r["headline"] for r in rows}
+    assert set(heads) == set(LABELS)
+    # three calibrated settings per dataset, each its own grid, one of them the headline's
+    for label in LABELS:
+        settings = sorted(r["sparsity"] for r in rows if r["label"] == label)
+        grid = json.loads((quick_study / "calibration" / f"{study._file_stem(label)}.json").read_text())["grid"]
+        assert settings == sorted(grid) and len(grid) == 3
+        assert sum(r["chosen"] for r in rows if r["label"] == label) == 1
+    toy = heads["sparse"]
     assert toy["role"] == "toy" and toy["expected"] == 64
-    assert toy["saturation"]["estimate"] == pytest.approx(64, rel=0.2)
+    assert toy["estimate"] == pytest.approx(64, rel=0.2)
     assert toy["comparisons"]["null"]["against"] == "null:sparse" and toy["comparisons"]["null"]["within_noise"] is False
-    assert {"control gmm", "control square"} <= set(toy["comparisons"])
-    layer = by[("minilm/resid_6", 0.05)]
-    assert layer["comparisons"]["null"]["against"] == "null:minilm/resid_0".replace("0", "6")
+    assert {"control gmm", "control square", "control circle", "control sphere"} <= set(toy["comparisons"])
+    assert heads["gmm"]["estimate"] == pytest.approx(12, abs=2)
+    for manifold in ("circle", "sphere"):  # read against their own matched nulls
+        assert heads[manifold]["role"] == "control"
+        assert heads[manifold]["comparisons"]["null"]["against"] == f"null:{manifold}"
+    layer = heads["minilm/resid_6"]
+    assert layer["comparisons"]["null"]["against"] == "null:minilm/resid_6"
     assert layer["comparisons"]["layer 0"]["against"] == "minilm/resid_0"
     assert layer["comparisons"]["random init"]["against"] == "minilm-random/resid_6"
-    assert by[("gmm", 0.3)]["role"] == "control" and by[("null:sparse", 0.3)]["role"] == "null"
+    assert heads["null:sparse"]["role"] == "null"
+
+
+@pytest.mark.slow
+def test_quick_study_report_leads_with_one_headline_per_dataset(quick_study):
+    report = (quick_study / "report.md").read_text()
+    sections = re.split(r"^## ", report, flags=re.M)
+    assert sections[1].startswith("Headlines\n")
+    lines = [line for line in sections[1].splitlines() if line.startswith("- **")]
+    assert [re.match(r"- \*\*(.+?)\*\*", line).group(1) for line in lines] == list(LABELS)
+    sparse = lines[0]
+    assert re.fullmatch(r"- \*\*sparse\*\* \(toy, expected 64\): \*\*\d+±\d+\*\* features \(plateau from m=\d+\) at "
+                        r"relu-l1 l1=[\d.]+ \[held-out knee\]; [+-]\d+±\d+ over null `null:sparse`, beyond noise\.", sparse)
+    layer = lines[LABELS.index("minilm/resid_6")]
+    assert "over null `null:minilm/resid_6`" in layer and "over layer 0 `minilm/resid_0`" in layer
+    assert "over random init `minilm-random/resid_6`" in layer and "[held-out knee]" in layer
+    calibration = next(s for s in sections if s.startswith("Sparsity calibration"))
+    assert len(re.findall(r"^- \*\*.+\*\*: target L0 [\d.]+ \(×/÷1\.5\): l1=", calibration, flags=re.M)) == len(LABELS)
+    checks = next(s for s in sections if s.startswith("Training checks"))
+    assert "every latent dead" in checks and "training objective" in checks
+    sensitivity = next(s for s in sections if s.startswith("Sensitivity"))
+    assert sensitivity.count(" chosen") == len(LABELS)
 
 
 @pytest.mark.slow
@@ -60,15 +101,16 @@ def test_quick_study_report_answers_the_three_questions_with_numbers(quick_study
     sections = re.split(r"^## ", report, flags=re.M)
     titled = {s.splitlines()[0]: s for s in sections[1:]}
     train_test = titled["1. Train or test loss?"]
-    assert re.search(r"\*\*minilm/resid_6\*\*: .*test − train MSE [+-]\d\.\d{4} at m=48, [+-]\d\.\d{4} at m=192",
-                     train_test)
+    assert re.search(r"\*\*minilm/resid_6 \(relu-l1 l1=[\d.]+\)\*\*: .*test − train MSE [+-]\d\.\d{4} at m=24, "
+                     r"[+-]\d\.\d{4} at m=96", train_test)
     assert re.search(r"^(No dataset here shows|Train loss alone would overstate)", train_test, flags=re.M)
     false_pos = titled["2. False positives on controls"]
-    assert re.search(r"\*\*gmm \(relu-l1 l1=0\.3\)\*\* \(control; it has 12 components\): \d+±\d+", false_pos)
-    assert re.search(r"over null:sparse, beyond noise", false_pos)
+    assert re.search(r"\*\*gmm\*\* \(control; it has 12 components\): \*\*\d+±\d+\*\*", false_pos)
+    assert re.search(r"over null `null:sparse`, beyond noise", false_pos)
+    for manifold in ("circle", "sphere"):  # the tiles are not reported as features, or the report says it cannot tell
+        assert re.search(rf"\*\*{manifold}\*\* is a manifold .*(does not report the tiles|cannot tell)", false_pos)
     layer0 = titled["3. Layer 0 as a baseline"]
-    assert "over minilm/resid_0" in layer0 and "over minilm-random/resid_6" in layer0
-    assert "```" in titled["The count"] and "minilm-random/resid_0" in titled["The count"]
+    assert "over layer 0 `minilm/resid_0`" in layer0 and "over random init `minilm-random/resid_6`" in layer0
 
 
 @pytest.mark.slow
@@ -128,7 +170,8 @@ def test_config_file_overrides_on_top_of_the_quick_profile(tmp_path):
 def test_the_model_table_is_one_flat_table_of_two_configs():
     table = study.to_table(study.make_config())
     harvest = study.load_config().model.harvest
-    assert table["model"]["enabled"] is True and table["model"]["layers"] == harvest.layers == [0, 3, 6]
+    assert table["model"]["enabled"] is True and table["model"]["layers"] == harvest.layers == [0, 6]
+    assert harvest.corpus == ["pydoc"]  # the demo's 24k tokens are all pydoc (README: What make demo shows)
     from sparsefeat.harvest import HarvestConfig
     assert harvest.batch_size == HarvestConfig().batch_size  # not restated by the study
 
@@ -150,3 +193,23 @@ def test_threads_are_pinned_for_a_study_and_restored_after():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _headline(**changes):
+    from sparsefeat.count import RULE_KNEE, Comparison, Headline
+    base = dict(label="sparse", role="toy", d=32, expected=64, estimate=63.0, uncertainty=2.0, lower_bound=65.0,
+                size=64, sparsity={"arch": "relu-l1", "name": "l1", "value": 0.3}, rule=RULE_KNEE, reason=None,
+                excluded=[], scores=[])
+    h = Headline(**{**base, **changes})
+    h.comparisons["null"] = Comparison(against="null:sparse", role="null", control_estimate=1.0,
+                                       control_lower_bound=1.0, excess=62.0, uncertainty=3.0, bound="=",
+                                       common_size=128, excess_at_common_size=60.0)
+    return h
+
+
+def test_a_headline_line_gives_the_number_the_setting_the_rule_and_the_excess():
+    line = study.headline_line(_headline())
+    assert line == ("- **sparse** (toy, expected 64): **63±2** features (plateau from m=64) at relu-l1 l1=0.3 "
+                    "[held-out knee]; +62±3 over null `null:sparse`, beyond noise.")
+    bound = study.headline_line(_headline(estimate=None, uncertainty=None, size=None, reason="no plateau up to m=128"))
+    assert "**>65** reproduced directions, no estimate (no plateau up to m=128) at relu-l1 l1=0.3" in bound
