@@ -49,11 +49,11 @@ from .files import check_folder_writable, write_text
 # The --quick profile: a CI-sized study. Its duration, measured on 2 CPU cores, is stated here only.
 QUICK_DURATION = "about a minute on 2 CPU cores"
 QUICK = {
-    "study": {"toy_samples": 16_000},
+    "study": {"toy_samples": 12_000},
     "model": {"max_tokens": 6_000},
-    "sweep": {"toy": {"sizes": [16, 32, 64, 128], "steps": 600},
-              "model": {"sizes": [24, 48, 96], "steps": 400, "checkpoint_every": 0}},
-    "calibration": {"steps": 200},
+    "sweep": {"toy": {"sizes": [16, 32, 64, 128], "steps": 500},
+              "model": {"sizes": [24, 48, 96], "steps": 300, "checkpoint_every": 0}},
+    "calibration": {"steps": 150},
     "count": {"bootstrap": 200},
 }
 
@@ -125,7 +125,7 @@ def _default_sweep(kind: str):
     # d = 384, since every model site now trains three settings (the demo's time budget).
     if kind == "toy":
         return SweepConfig(sizes=[16, 32, 64, 128, 256], seeds=[0, 1], steps=1000, lr=1e-2, checkpoint_every=0)
-    return SweepConfig(sizes=[48, 96, 192, 384], seeds=[0, 1], steps=1000, lr=3e-3, checkpoint_every=500)
+    return SweepConfig(sizes=[48, 96, 192, 384], seeds=[0, 1], steps=800, lr=3e-3, checkpoint_every=400)
 
 
 @dataclass
@@ -611,7 +611,7 @@ class Study:
         sweeps = self.stage("sweeps", lambda: self.sweep_all(data + nulls))
         result = self.stage("count and figures", lambda: self.analyse(sweeps))
         self.timings["total"] = time.perf_counter() - t0
-        report = write_report(self.out, result, self.timings, self.calibrations)
+        report = write_report(self.out, result, self.timings, self.calibrations, self.cpu)
         return StudyResult(self.out, data + nulls, sweeps, result.sweeps, result.headlines, report,
                            dict(self.timings), dict(self.calibrations))
 
@@ -913,11 +913,14 @@ def warnings_section(counts) -> list[str]:
     return ["Warnings (marked * in the table):", "", *lines, ""] if lines else []
 
 
-def write_report(out: Path, result, timings: dict[str, float], calibrations: dict | None = None) -> Path:
+def write_report(out: Path, result, timings: dict[str, float], calibrations: dict | None = None,
+                 cpu: dict[str, float] | None = None) -> Path:
     """report.md: the headlines first, then the calibration, the training checks, every setting (the
     sensitivity table), the three questions, the figures and the by-size tables."""
     from .count import size_table
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+    cpu = cpu or {}
+    stages = ", ".join(f"{k} {v:.0f} s" + (f" (CPU {cpu[k]:.0f} s)" if k in cpu else "")
+                       for k, v in timings.items() if k != "total")
     figures = sorted(p.name for p in (out / "figures").glob("*.png")) if (out / "figures").is_dir() else []
     text = [f"# sparsefeat study: {out.name}", "",
             f"sparsefeat {__version__}; config: `study.toml`; sweeps: `sweeps/`; figures: `figures/`; "
