@@ -36,7 +36,7 @@ def run(name: str, doc: str, full: dict, quick: dict, argv=None):
 
 def no_default_toys(*keep: str) -> dict:
     """A `toys` override that leaves out the study's default toys except `keep`."""
-    return {name: {"enabled": False} for name in ("sparse", "gmm", "square") if name not in keep}
+    return {name: {"enabled": False} for name in ("sparse", "gmm", "square", "circle", "sphere") if name not in keep}
 
 
 def check(claim: str, ok: bool) -> bool:
