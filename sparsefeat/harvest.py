@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
