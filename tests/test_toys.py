@@ -453,8 +453,7 @@ def test_write_toy_takes_a_config_or_its_fields_as_keywords_alike(tmp_path):
 
 
 def test_cli_toy_options_and_their_defaults_come_from_toy_config(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["toy", "gaussian", "--help"])
+    assert cli.main(["toy", "gaussian", "--help"]) == 0  # main returns argparse's exit status instead of raising it
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(ToyConfig):
         assert f"--{f.name.replace('_', '-')}" in text
