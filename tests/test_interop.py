@@ -33,7 +33,7 @@ def store(tmp_path_factory):
 
 
 def _sweep(store, out, **kw):
-    cfg = SweepConfig(sizes=["16", "32"], seeds=[0], steps=150, lr=3e-3, test_curve_points=0, checkpoint_every=0,
+    cfg = SweepConfig(sizes=["16", "32"], seeds=[0], steps=100, lr=3e-3, test_curve_points=0, checkpoint_every=0,
                       device="cpu", **kw)
     return train_sweep(store, cfg, out, progress=False)
 
