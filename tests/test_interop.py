@@ -173,6 +173,8 @@ def test_evaluate_cli_against_and_out_then_count(sweeps, store, tmp_path, capsys
             s.member(mid).metrics["test"]["mse"], rel=1e-4)
     assert main(["count", str(out)]) == 0
     assert "N(m) needs two seeds" in capsys.readouterr().out
+    assert main(["plot", str(out), "--out", str(tmp_path / "figures")]) == 0
+    assert (tmp_path / "figures" / "loss_vs_l0.png").is_file()
 
 
 @pytest.mark.parametrize("cfg, message", [
