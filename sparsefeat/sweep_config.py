@@ -26,8 +26,20 @@ class SweepConfig:
     k: list[int] = field(default_factory=lambda: [16], metadata={"help": "topk: active latents per row"})
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={
         "help": "initialisation seeds (two or more give the cross-seed agreement every count needs)"})
-    steps: int | None = field(default=None, metadata={
-        "help": f"training steps (default {DEFAULT_STEPS} when --epochs is not given)"})
+    steps: int | str | None = field(default=None, metadata={
+        "help": f"training steps (default {DEFAULT_STEPS} when --epochs is not given), or 'auto': each size "
+                "trains until its held-out loss stops improving (see --converge-tolerance), within "
+                "--min-steps..--max-steps"})
+    max_steps: int = field(default=20000, metadata={"help": "steps=auto: the most steps any size trains"})
+    min_steps: int = field(default=1000, metadata={"help": "steps=auto: the fewest steps any size trains"})
+    converge_every: int = field(default=250, metadata={
+        "help": "steps=auto: steps between held-out checks (test-curve points on the first --test-curve-rows "
+                "test rows)"})
+    converge_window: int = field(default=1000, metadata={
+        "help": "steps=auto: a size has converged when its best held-out loss improved by less than "
+                "--converge-tolerance over the last this many steps (a multiple of --converge-every)"})
+    converge_tolerance: float = field(default=0.01, metadata={
+        "help": "steps=auto: relative improvement of the held-out loss over the window below which a size stops"})
     epochs: float | None = field(default=None, metadata={"help": "train for this many passes over the train split"})
     batch_size: int = field(default=256, metadata={"help": "rows per training step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
@@ -60,9 +72,12 @@ class SweepConfig:
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {self.arch!r} (known: {', '.join(sorted(ARCHITECTURES))})")
         self.model = architecture(self.arch).build_options(self.model)
+        self.steps = _steps_value(self.steps)
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give --steps or --epochs, not both")
-        for name in ("steps", "epochs"):
+        if self.auto_steps:
+            self._check_auto()
+        for name in ("epochs",) if self.auto_steps else ("steps", "epochs"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
@@ -84,6 +99,26 @@ class SweepConfig:
             raise ConfigError(f"k must be positive whole numbers, got {self.k}")
 
     @property
+    def auto_steps(self) -> bool:
+        """Whether each size trains until its held-out loss converges (steps="auto")."""
+        return self.steps == "auto"
+
+    def _check_auto(self) -> None:
+        for name in ("max_steps", "min_steps", "converge_every", "converge_window"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)}")
+        if self.min_steps > self.max_steps:
+            raise ConfigError(f"min-steps ({self.min_steps}) is above max-steps ({self.max_steps})")
+        if self.converge_window % self.converge_every:
+            raise ConfigError(f"converge-window ({self.converge_window}) must be a multiple of converge-every "
+                              f"({self.converge_every})")
+        if not (math.isfinite(self.converge_tolerance) and self.converge_tolerance >= 0):
+            raise ConfigError(f"converge-tolerance must be finite and >= 0, got {self.converge_tolerance}")
+        if self.lr_schedule != "constant":  # a decay needs to know the last step in advance
+            raise ConfigError(f"--steps auto needs --lr-schedule constant (a {self.lr_schedule} decay ends at a "
+                              "fixed last step); give a step count for a decaying schedule")
+
+    @property
     def sparsities(self) -> list[float]:
         return [float(v) for v in (self.l1 if architecture(self.arch).sparsity_name == "l1" else self.k)]
 
@@ -102,6 +137,22 @@ class SweepConfig:
                                   f"{s.size} latents (every latent would fire: no sparsity); use a smaller --k "
                                   "or larger --sizes")
         return specs
+
+
+def _steps_value(steps):
+    """None, a whole number of steps, or "auto" (the command line passes text: "3000", "auto")."""
+    if steps is None or isinstance(steps, int) and not isinstance(steps, bool):
+        return steps
+    text = str(steps).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value == int(value)):
+        raise ConfigError(f"steps must be a whole number or 'auto', got {steps!r}")
+    return int(value)
 
 
 def _size_value(text) -> tuple[float, bool]:
