@@ -14,7 +14,10 @@ Layout (documented in full in docs/format.md, section "Results file (sweep.h5)")
         frequency/<split>              [m] float32, share of evaluated rows on which each latent fires
         signals                        attrs: mmcs_next, mmcs_next_hungarian, share_next_0_9,
                                               shared_seed, mmcs_gt, recovered_gt (NaN: not applicable)
-        training                       attrs (version 3): steps_trained, stop_reason, converged
+        training                       attrs (version 3): steps_trained, stop_reason, converged,
+                                              dead_never_alive, dead_died_later, resampled
+        last_fired                     [m] int64 (version 3): training step on which each latent last fired
+                                       (0: never)
     signals/<table>         compound datasets: the cross-member tables (one row per compared pair)
     ground_truth/features   [n, d] toy stores only: a copy of the store's ground-truth features
     summary                 compound dataset: one row per member and split
@@ -53,7 +56,7 @@ SIGNAL_KEYS = ("mmcs_next", "mmcs_next_hungarian", "share_next_0_9", "shared_see
 MEMBER_KEYS = ("id", "arch", "dictionary_size", "sparsity_name", "sparsity", "seed")
 # How a member trained (version 3). Missing in older files, and "converged" missing for fixed step counts
 # (not checked): read as None, "unknown".
-TRAINING_KEYS = ("steps_trained", "stop_reason", "converged")
+TRAINING_KEYS = ("steps_trained", "stop_reason", "converged", "dead_never_alive", "dead_died_later", "resampled")
 
 
 class ResultsError(SparsefeatError):
@@ -74,7 +77,9 @@ class Member:
     signals: dict[str, float] = field(default_factory=dict)  # SIGNAL_KEYS, NaN where not applicable
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # "train"/"test" -> [n, 2] (step, loss)
     # TRAINING_KEYS: steps_trained (int), stop_reason ("converged", "max_steps", "fixed"), converged (bool;
-    # None when not checked: a fixed step count, or a file older than version 3)
+    # None when not checked: a fixed step count, or a file older than version 3); of the latents dead on the
+    # test split, dead_never_alive never fired in training and dead_died_later did; resampled: latents
+    # re-initialised in training (relu-l1 resample_steps)
     training: dict = field(default_factory=dict)
 
     @property
@@ -97,6 +102,7 @@ class MemberArrays:
     decoder_bias: np.ndarray  # [d] (zeros for an architecture without one)
     row_sse: dict[str, np.ndarray]  # split -> [rows]
     frequency: dict[str, np.ndarray]  # split -> [m]
+    last_fired: np.ndarray | None = None  # [m] training step on which each latent last fired (0: never)
 
 
 @dataclass
@@ -190,6 +196,10 @@ class Results:
         _check_split(self.path, split)
         return self._array(member_id, f"frequency/{split}")
 
+    def last_fired(self, member_id: str) -> np.ndarray:
+        """[m]: the training step on which each latent last fired (0: never); version 3 files."""
+        return self._array(member_id, "last_fired")
+
     def table(self) -> list[dict]:
         """One row per member and split: identity, the split's metrics and the member's signals."""
         return [summary_row(m, split) for m in self.members for split in SPLITS if split in m.metrics]
@@ -264,6 +274,7 @@ def _size_estimate(results: Results, arrays: dict[str, MemberArrays]) -> int:
     n = sum(np.asarray(getattr(a, k)).size for a in arrays.values()
             for k in ("encoder", "encoder_bias", "decoder", "decoder_bias"))
     n += sum(np.asarray(v).size for a in arrays.values() for part in (a.row_sse, a.frequency) for v in part.values())
+    n += sum(2 * np.asarray(a.last_fired).size for a in arrays.values() if a.last_fired is not None)  # int64
     return 4 * n + 4096 * (len(results.members) + 16)
 
 
@@ -297,6 +308,8 @@ def _write_member(g: h5py.Group, m: Member, a: MemberArrays) -> None:
         g.create_dataset(f"row_sse/{split}", data=np.asarray(v, dtype=np.float32))
     for split, v in a.frequency.items():
         g.create_dataset(f"frequency/{split}", data=np.asarray(v, dtype=np.float32))
+    if a.last_fired is not None:
+        g.create_dataset("last_fired", data=np.asarray(a.last_fired, dtype=np.int64))
     g.create_group("signals").attrs.update({k: float(m.signals.get(k, math.nan)) for k in SIGNAL_KEYS})
     training = g.create_group("training")
     for k, v in m.training.items():
@@ -406,8 +419,9 @@ def _read_training(g: h5py.Group) -> dict:
     out = {k: attrs.get(k) for k in TRAINING_KEYS}
     if out["converged"] is not None:
         out["converged"] = bool(out["converged"])
-    if out["steps_trained"] is not None:
-        out["steps_trained"] = int(out["steps_trained"])
+    for k in ("steps_trained", "dead_never_alive", "dead_died_later", "resampled"):
+        if out[k] is not None:
+            out[k] = int(out[k])
     return out
 
 

@@ -63,6 +63,11 @@ class SweepConfig:
     prefetch: int = field(default=2, metadata={
         "help": "CUDA: batches read ahead into pinned memory by a background thread (0: none); on CPU batches "
                 "are read inline (a reader thread only competes with the step for the interpreter lock)"})
+    resample_steps: list[int] = field(default_factory=list, metadata={
+        "help": "relu-l1: steps at which dead latents are re-initialised toward the worst-reconstructed "
+                "training rows, their Adam state reset (Anthropic 2023); empty (the default): never"})
+    resample_window: int = field(default=250, metadata={
+        "help": "a latent is dead at a resampling step when it has not fired in this many training steps"})
     label: str | None = field(default=None, metadata={
         "help": "name of this dataset in tables and plots (default: <store stem>:<site>)"})
     model: SAEOptions | dict | None = field(default=None, metadata={
@@ -95,6 +100,11 @@ class SweepConfig:
             raise ConfigError("a sweep needs at least one size, one seed and one sparsity setting")
         if any(not (math.isfinite(s) and s >= 0) for s in self.sparsities):
             raise ConfigError(f"sparsity settings must be finite and >= 0, got {self.sparsities}")
+        if self.resample_steps and architecture(self.arch).sparsity_name != "l1":
+            raise ConfigError(f"--resample-steps is for relu-l1 (topk has AuxK), not {self.arch}")
+        if any(int(s) != s or s <= 0 for s in self.resample_steps) or self.resample_window <= 0:
+            raise ConfigError(f"resample steps and window must be positive whole numbers, got "
+                              f"{self.resample_steps} and {self.resample_window}")
         if self.arch == "topk" and any(int(k) != k or k < 1 for k in self.k):
             raise ConfigError(f"k must be positive whole numbers, got {self.k}")
 

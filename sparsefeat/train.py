@@ -46,6 +46,7 @@ from .sweep_config import DEFAULT_STEPS, MemberSpec, SweepConfig, parse_size  # 
 CHECKPOINT_VERSION = 3  # 3: stop state (steps=auto) and firing counters; 2: curves are float64 tensors
 STOP_FIXED, STOP_CONVERGED, STOP_MAX = "fixed", "converged", "max_steps"  # why a size stopped training
 RESUMABLE_CHANGES = ("device", "compile", "prefetch")  # settings a resumed run may change
+RESAMPLE_ROWS = 8192  # training rows whose reconstruction errors choose where dead latents restart
 
 
 class TrainingError(SparsefeatError):
@@ -153,6 +154,7 @@ class Sweep:
         self.checkpoint_step: int | None = None  # step of the checkpoint on disk that this run wrote or resumed
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
         self.stopped: dict[int, tuple[int, str]] = {}  # size -> (step it stopped at, why)
+        self.resampled: list[list[int]] = []  # [step, stack, member, latents re-initialised] per resampling
         if state is None:
             self.scale, self.bias = self._sample_statistics()
         else:
@@ -161,6 +163,7 @@ class Sweep:
         self.optimizer = _adam([p for st in self.stacks for p in st.parameters()], config.lr)
         if state is not None:
             self._restore(state)
+        self.resample_steps = set(config.resample_steps)
         self.curve_steps = set() if self.auto else {round(self.total_steps * (i + 1) / config.test_curve_points)
                                                      for i in range(config.test_curve_points)}
         self.curve_batches = list(take_rows(  # the first test rows, in store order, for every curve point
@@ -209,6 +212,8 @@ class Sweep:
         try:
             while self.step < until and not self.finished:
                 pending.append(self.step_on(next(self.stream)))
+                if self.step in self.resample_steps:
+                    self.resample_dead_latents()
                 if self.step in self.curve_steps or (self.auto and self.step % cfg.converge_every == 0):
                     self._test_curve_point()
                     if self.auto:
@@ -231,13 +236,50 @@ class Sweep:
         stay comparable; a member that converged first trains on with the others (the cost is measured
         in the report of issue 10: a few percent of member-steps on the toys)."""
         cfg = self.config
-        if self.step < cfg.min_steps:
-            return
+        resampled = [s for s in self.resample_steps if s <= self.step]
+        if self.step < cfg.min_steps or (resampled and self.step < max(resampled) + cfg.converge_window):
+            return  # a resampling step disturbs the loss: judge only a whole window after the last one
         for size in sorted({s.size for s in self.specs} - set(self.stopped)):
             members = [s for s in self.specs if s.size == size]
             if all(held_out_converged(self.curves[s.id]["test"], self.step, cfg.converge_window,
                                       cfg.converge_tolerance) for s in members):
                 self.stopped[size] = (self.step, STOP_CONVERGED)
+
+    @torch.no_grad()
+    def resample_dead_latents(self) -> None:
+        """Re-initialise the latents of every training member that did not fire in the last
+        `resample_window` steps (Anthropic 2023, "Towards monosemanticity", update of early 2023): each
+        restarts at a training row drawn with probability ∝ its squared error² under the member (rows the
+        dictionary reconstructs worst), minus the decoder bias, as a unit decoder row; encoder row = that
+        direction × 0.2 × the mean norm of the member's alive encoder rows; encoder bias 0; the latent's
+        Adam moments are zeroed. The rows and draws depend only on the step and the member's seed."""
+        cfg = self.config
+        n = min(RESAMPLE_ROWS, self.n_train)
+        stream = self.store.batches(self.site, "train", batch_size=n, seed=cfg.data_seed + 15485863 + self.step,
+                                    epochs=1)
+        x = next(iter(stream)).to(self.device) * self.scale
+        for i, (st, specs) in enumerate(zip(self.stacks, self.stack_specs)):
+            if not self.active(i):
+                continue
+            dead = st.last_fired <= self.step - cfg.resample_window  # [G, m]
+            if not dead.any():
+                continue
+            x_hat, _ = st(x)
+            weight = (x_hat.float() - x).pow(2).sum(-1).pow(2).double().cpu()  # [G, n]: squared error, squared
+            for g, spec in enumerate(specs):
+                latents = torch.nonzero(dead[g]).flatten()
+                if len(latents) == 0:
+                    continue
+                gen = torch.Generator().manual_seed(int(spec.seed) * 1_000_003 + self.step)
+                rows = torch.multinomial(weight[g] + 1e-30, len(latents), replacement=len(latents) > n, generator=gen)
+                alive = ~dead[g]
+                norm = float(st.encoder[g][alive].norm(dim=1).mean()) if alive.any() else 1.0
+                st.reinitialise(g, latents, x[rows.to(self.device)] - st.decoder_bias[g], 0.2 * norm)
+                for p in (st.encoder, st.encoder_bias, st.decoder):
+                    for moment in ("exp_avg", "exp_avg_sq"):
+                        if moment in self.optimizer.state.get(p, {}):
+                            self.optimizer.state[p][moment][g, latents] = 0.0
+                self.resampled.append([int(self.step), i, g, len(latents)])
 
     def _stop_remaining(self, reason: str) -> None:
         for size in {s.size for s in self.specs} - set(self.stopped):
@@ -248,6 +290,11 @@ class Sweep:
         step, reason = self.stopped.get(spec.size, (self.step, STOP_FIXED))
         return dict(steps_trained=int(step), stop_reason=reason,
                     converged=None if reason == STOP_FIXED else reason == STOP_CONVERGED)
+
+    def last_fired(self) -> dict[str, np.ndarray]:
+        """Per member id: [m] the training step on which each latent last fired (0: never)."""
+        return {spec.id: st.last_fired[g].cpu().numpy().astype(np.int64)
+                for st, specs in zip(self.stacks, self.stack_specs) for g, spec in enumerate(specs)}
 
     def step_on(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """One optimiser step of every member on a batch of raw rows [B, d] (scaled here); returns each
@@ -302,15 +349,21 @@ class Sweep:
         thresholds = signal_thresholds()
         signals, per_member = cross_member_signals(self.specs, weights, gt, alive, thresholds)
         members, arrays = [], {}
+        last_fired = self.last_fired()
         for spec in self.specs:
             e = evals[spec.id]
+            dead = e["test"]["frequency"] <= 0
+            training = dict(self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
+                            dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
+                            resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
             curves = {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in self.curves[spec.id].items()}
             members.append(Member(id=spec.id, arch=spec.arch, dictionary_size=spec.size,
                                   sparsity_name=spec.sparsity_name, sparsity=spec.sparsity, seed=spec.seed,
                                   metrics={k: v["metrics"] for k, v in e.items()},
-                                  signals=per_member[spec.id], curves=curves, training=self.stop_record(spec)))
+                                  signals=per_member[spec.id], curves=curves, training=training))
             arrays[spec.id] = MemberArrays(row_sse={k: v["row_sse"] for k, v in e.items()},
-                                           frequency={k: v["frequency"] for k, v in e.items()}, **weights[spec.id])
+                                           frequency={k: v["frequency"] for k, v in e.items()},
+                                           last_fired=last_fired[spec.id], **weights[spec.id])
         config = asdict(self.config)
         config["run"] = dict(sizes=sorted({s.size for s in self.specs}), total_steps=self.step,
                              batches_per_epoch=self.batches_per_epoch, train_rows=self.n_train,
@@ -413,6 +466,7 @@ class Sweep:
         state = dict(version=CHECKPOINT_VERSION, config=self._checkpoint_config(), store_hash=self.store_hash,
                      step=self.step, scale=float(self.scale), bias=self.bias.cpu(), curves=curves,
                      stopped=[[int(size), int(step), reason] for size, (step, reason) in sorted(self.stopped.items())],
+                     resampled=self.resampled,
                      stacks=[{k: _to_cpu(v) for k, v in st.state_dict().items()} for st in self.stacks],
                      optimizer=self.optimizer.state_dict())
         need = self.memory.checkpoint + (1 << 16)
@@ -459,6 +513,7 @@ class Sweep:
         self.curves = {sid: {k: [[float(a), float(b)] for a, b in v.tolist()] for k, v in c.items()}
                        for sid, c in state["curves"].items()}
         self.stopped = {int(size): (int(step), str(reason)) for size, step, reason in state["stopped"]}
+        self.resampled = [[int(v) for v in row] for row in state["resampled"]]
 
     # -- inside the loop ---------------------------------------------------------------------------
 

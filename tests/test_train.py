@@ -223,7 +223,8 @@ def test_version_2_results_files_are_read_with_training_unknown(small_store, tmp
         f.attrs["format_version"] = 2
         del f["members"]["m=8,l1=0.1,seed=0"]["training"]
     with load_results(path) as r:
-        assert r.members[0].training == dict(steps_trained=None, stop_reason=None, converged=None)
+        assert r.members[0].training == dict.fromkeys(["steps_trained", "stop_reason", "converged", "dead_never_alive",
+                                                       "dead_died_later", "resampled"])
         assert r.members[0].converged is None
 
 
@@ -761,7 +762,7 @@ def test_auto_steps_train_a_small_dictionary_less_than_a_large_one_and_record_it
     r = load_results(train_sweep(toy_store, auto_config(), tmp_path / "auto.h5", progress=False))
     small, large = by(r, 16), by(r, 256)
     for m in r.members:
-        assert m.training == dict(steps_trained=m.steps_trained, stop_reason="converged", converged=True)
+        assert (m.training["stop_reason"], m.converged) == ("converged", True)
         assert m.curves["test"][-1, 0] == m.steps_trained  # the check that stopped it is its last test point
         assert m.curves["train"][-1, 0] == m.steps_trained
     assert 300 <= small.steps_trained < large.steps_trained < 6000
@@ -778,7 +779,7 @@ def test_auto_steps_stop_at_max_steps_unconverged_and_record_it(small_store, tmp
     cfg = small_config(steps="auto", min_steps=40, max_steps=60, converge_every=20, converge_window=40,
                        converge_tolerance=0.0, sizes=["8", "16"], l1=[0.1], lr=1e-4)
     r = load_results(train_sweep(small_store, cfg, tmp_path / "max.h5", progress=False))
-    assert [m.training for m in r.members] == [dict(steps_trained=60, stop_reason="max_steps", converged=False)] * 4
+    assert [(m.steps_trained, m.training["stop_reason"], m.converged) for m in r.members] == [(60, "max_steps", False)] * 4
 
 
 def test_fixed_steps_record_no_convergence_and_are_what_auto_trains_in_as_many_steps(small_store, tmp_path):
@@ -854,3 +855,35 @@ def test_count_reads_no_plateau_from_sizes_that_did_not_converge(toy_sweep):
     assert after.saturation.estimate is None
     assert after.saturation.lower_bound == before.saturation.estimate
     assert f"m={plateau} did not converge in 4000 steps; not read as a plateau" in after.warnings
+
+
+# ---- dead latents: never alive or died later; resampling (issue 10.2) --------------------------------
+
+
+def test_last_firing_separates_latents_never_alive_from_those_that_died(toy_sweep):
+    for m in toy_sweep.members:
+        last = toy_sweep.last_fired(m.id)
+        assert last.shape == (m.dictionary_size,) and 0 <= last.min() and last.max() <= m.steps_trained == 4000
+        dead = toy_sweep.feature_frequency(m.id, "test") == 0
+        assert m.training["dead_never_alive"] == int((dead & (last == 0)).sum())
+        assert m.training["dead_died_later"] + m.training["dead_never_alive"] == \
+            round(m.metrics["test"]["dead_fraction"] * m.dictionary_size)
+        assert np.median(last[~dead]) >= 3990  # latents alive on the test split fire to the end of training
+        assert m.training["resampled"] == 0
+    big = by(toy_sweep, 256)
+    assert big.training["dead_never_alive"] + big.training["dead_died_later"] > 0  # past m = n latents die
+
+
+def test_resampling_restarts_dead_relu_latents_and_is_refused_for_topk(small_store, tmp_path):
+    def sweep(name, **kw):
+        cfg = small_config(sizes=["64"], l1=[2.0], seeds=[0], lr=1e-2, **kw)
+        r = load_results(train_sweep(small_store, cfg, tmp_path / f"{name}.h5", progress=False))
+        return r, r.members[0]
+    (upto, mu), (plain, mp) = sweep("upto", steps=300), sweep("plain", steps=400)
+    r, m = sweep("resampled", steps=400, resample_steps=[300], resample_window=100)
+    dead_at_300 = int((upto.last_fired(mu.id) <= 200).sum())  # the same run up to step 300: whom it restarts
+    assert m.training["resampled"] == dead_at_300 > 0 and mp.training["resampled"] == 0
+    assert not np.array_equal(r.decoder(m.id), plain.decoder(mp.id))
+    assert (r.last_fired(m.id) > 300).sum() > (plain.last_fired(mp.id) > 300).sum()  # restarted latents fire
+    with pytest.raises(SparsefeatError, match="relu-l1"):
+        SweepConfig(arch="topk", resample_steps=[100])
