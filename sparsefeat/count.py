@@ -469,6 +469,14 @@ def count_sweep(r, label: str, role: str, key: tuple, members: list, config: Cou
     else:
         saturation = find_saturation(sizes, counts, config.saturation_tolerance, config.saturation_slack,
                                      [row.reproduced_spread for row in rows])
+    # --- converge (issue 10.1): a size whose members did not converge (steps=auto) is no plateau ---
+    unconverged = [s for s in sizes if any(getattr(m, "converged", None) is False for m in by_size[s])]
+    for s in unconverged:
+        steps = max(m.steps_trained or 0 for m in by_size[s])
+        warnings.append(f"m={s} did not converge in {steps} steps; not read as a plateau")
+    if saturation.estimate is not None and any(s >= saturation.size for s in unconverged):
+        saturation = Saturation(None, None, None, saturation.estimate, sizes[-1])  # the plateau is a lower bound
+    # --- end converge ---
     held = held_out_stop(sizes, test_sse, train_loss, config.bootstrap, config.confidence, config.seed,
                          groups=test_documents(r, len(test_sse[0])))
     arch, sparsity_name, sparsity = key
