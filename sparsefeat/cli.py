@@ -118,6 +118,8 @@ class Command:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.name:
+            if cls.name in COMMANDS:
+                raise ConfigError(f"command {cls.name!r} is already registered ({COMMANDS[cls.name].__qualname__})")
             COMMANDS[cls.name] = cls
 
     def configure(self, p: argparse.ArgumentParser) -> None:
