@@ -198,10 +198,7 @@ class ToyCommand(Command):
                 k.add_argument("--like", type=Path, metavar="STORE",
                                help="take d and scale (E|x|^2) from this store's site")
                 k.add_argument("--like-site", metavar="SITE", help="site of --like (default: its only site)")
-            k.add_argument("--resume", action="store_true", help="continue a killed run (same arguments)")
-            k.add_argument("--force", action="store_true", help="overwrite an existing store")
-            k.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                           help="show a progress bar")
+            add_common_flags(k, resume="continue a killed run (same arguments)", force="overwrite an existing store")
 
     def run(self, args):
         from .toys import TOYS, ToyConfig, write_toy
@@ -222,11 +219,8 @@ class ImportCommand(Command):
         p.add_argument("array", type=Path, help="the array file (.npy, .pt or .safetensors)")
         p.add_argument("--out", type=Path, required=True, help="the store to write")
         add_config_args(p, ImportConfig, group="import options")
-        p.add_argument("--resume", action="store_true",
-                       help="continue an import stopped part way (e.g. by a full disk; same arguments)")
-        p.add_argument("--force", action="store_true", help="overwrite an existing store")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar")
+        add_common_flags(p, resume="continue an import stopped part way (e.g. by a full disk; same arguments)",
+                         force="overwrite an existing store")
 
     def run(self, args):
         from .store import ImportConfig, import_array
@@ -312,11 +306,10 @@ class SweepCommand(Command):
         for name, cls in sorted(ARCHITECTURES.items()):
             if cls.Options is not SAEOptions:
                 add_config_args(p, cls.Options, skip=shared, group=f"{name} options")
-        p.add_argument("--resume", action="store_true", help="continue a killed sweep from its checkpoint")
-        p.add_argument("--force", action="store_true", help="overwrite existing results or an old checkpoint")
         p.add_argument("--json", action="store_true", help="print the summary (one row per member and split) as JSON")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show the start-up line (members, memory estimate) and a progress bar")
+        add_common_flags(p, resume="continue a killed sweep from its checkpoint",
+                         force="overwrite existing results or an old checkpoint",
+                         progress="show the start-up line (members, memory estimate) and a progress bar")
 
     def run(self, args):
         from .results import describe, load_results, summary_table

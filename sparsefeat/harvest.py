@@ -34,6 +34,7 @@ from .device import resolve_device
 from .errors import SparsefeatError
 from .files import check_output
 from .store import StoreWriter, split_documents
+from .store.writer import DTYPES
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 FLOAT16_MAX = 65504.0
@@ -88,7 +89,7 @@ class HarvestConfig:
         "help": "documents are committed in blocks of about this many tokens (whole documents); "
                 "memory holds one block of activations"})
     dtype: str = field(default="float32", metadata={
-        "help": "storage precision", "choices": ["float16", "float32"]})
+        "help": "storage precision", "choices": list(DTYPES)})
     device: str = field(default="auto", metadata={"help": "torch device, or auto (cuda if available)"})
     test_fraction: float = field(default=0.1, metadata={"help": "share of documents in the test split"})
     seed: int = field(default=0, metadata={"help": "seed of the per-document train/test split"})
@@ -105,7 +106,7 @@ class HarvestConfig:
             if any(x < 0 for x in self.layers):
                 raise HarvestError(f"layers must be 0 or more, got {self.layers}")
         checks = [
-            (self.dtype in ("float16", "float32"), f"dtype must be float16 or float32, not {self.dtype!r}"),
+            (self.dtype in DTYPES, f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}"),
             (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
             (self.block_tokens > 0, f"block tokens must be positive, got {self.block_tokens}"),
             (self.max_length > 0, f"max length must be positive, got {self.max_length}"),
