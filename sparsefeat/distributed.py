@@ -25,6 +25,7 @@ Resume is per rank: each shard and each rank's checkpoint resumes by itself, so 
 from __future__ import annotations
 
 import contextlib
+import glob
 import heapq
 import os
 import shutil
@@ -67,8 +68,10 @@ class World:
 
 
 def launched() -> bool:
-    """Whether this process is one of several that torchrun started (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several that torchrun started (WORLD_SIZE > 1), or was told to
+    take the distributed path alone (SPARSEFEAT_DISTRIBUTED=1 under torchrun: a one-GPU NCCL check)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        os.environ.get("SPARSEFEAT_DISTRIBUTED") == "1" and "RANK" in os.environ)
 
 
 def world() -> World:
@@ -368,6 +371,18 @@ def checkpoint_of(out: str | os.PathLike, rank: int, size: int) -> Path:
     return Path(f"{out}.rank-{rank}-of-{size}.ckpt")
 
 
+def _check_checkpoints(out: Path, w: World, force: bool) -> None:
+    """Refuse checkpoints of another number of processes (their shares differ) unless --force,
+    which deletes them."""
+    mine = f"-of-{w.size}.ckpt"
+    foreign = [p for p in out.parent.glob(f"{glob.escape(out.name)}.rank-*-of-*.ckpt") if not p.name.endswith(mine)]
+    if foreign and not force:
+        raise DistributedError(f"{foreign[0]}: a checkpoint of this sweep run with another number of processes; "
+                               "resume with that number, or pass --force to start again")
+    for p in foreign:
+        p.unlink()
+
+
 def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resume: bool = False,
           force: bool = False, progress: bool = True) -> Path | None:
     """`train.train_sweep` with the members divided among torchrun's ranks. Returns the results path on
@@ -385,6 +400,7 @@ def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resu
         with lock, ActivationStore(store_path) as store:
             if w.is_main:
                 remove_stale_temporaries(out)
+                _check_checkpoints(out, w, force)
             site = config.site or store.default_site()
             try:
                 specs = config.members(store.width(site))

@@ -219,3 +219,14 @@ def test_two_rank_sweep_writes_the_single_process_results_file(tmp_path, sparse_
     with h5py.File(two) as f:
         assert len(f["members"]) == 8 and len(f["signals/seeds"]) == 4 and len(f["signals/next"]) == 6
     assert not list(tmp_path.glob("two.h5.rank-*.ckpt"))  # each rank removed its checkpoint
+
+
+def test_sweep_checkpoints_of_another_world_size_are_refused_unless_forced(tmp_path):
+    out = tmp_path / "sweep[1].h5"
+    other, mine = distributed.checkpoint_of(out, 0, 3), distributed.checkpoint_of(out, 1, 2)
+    other.write_bytes(b"")
+    mine.write_bytes(b"")
+    with pytest.raises(distributed.DistributedError, match="another number of processes"):
+        distributed._check_checkpoints(out, World(0, 2), force=False)
+    distributed._check_checkpoints(out, World(0, 2), force=True)
+    assert not other.exists() and mine.exists()
