@@ -314,9 +314,12 @@ class SweepCommand(Command):
     def run(self, args):
         from .results import describe, load_results, summary_table
         from .train import SweepConfig, train_sweep
+        from . import distributed
         config = config_from_args(SweepConfig, args, model=self.model_options(args))
-        path = train_sweep(args.store, config, args.out, resume=args.resume, force=args.force,
-                           progress=args.progress)
+        run = distributed.sweep if distributed.launched() else train_sweep  # under torchrun: members across ranks
+        path = run(args.store, config, args.out, resume=args.resume, force=args.force, progress=args.progress)
+        if path is None:  # a rank other than 0: rank 0 reports
+            return 0
         if args.json:
             print_json(describe(path)["summary"])
         else:
@@ -362,8 +365,12 @@ class HarvestCommand(Command):
     def run(self, args):
         from .harvest import HarvestConfig, harvest
         from .store import ActivationStore
-        path = harvest(config_from_args(HarvestConfig, args), args.out, resume=args.resume, force=args.force,
-                       progress=args.progress)
+        from . import distributed
+        run = distributed.harvest if distributed.launched() else harvest  # under torchrun: documents across ranks
+        path = run(config_from_args(HarvestConfig, args), args.out, resume=args.resume, force=args.force,
+                   progress=args.progress)
+        if path is None:  # a rank other than 0: rank 0 reports
+            return 0
         with ActivationStore(path) as s:
             print(f"wrote {path}: {s.n_rows():,} rows ({s.n_rows('test'):,} test) from "
                   f"{len(s.documents_test()):,} documents, sites {', '.join(s.sites)}")

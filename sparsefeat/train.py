@@ -27,6 +27,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -123,9 +124,10 @@ class Sweep:
     """One run of a sweep over one store, ready to train once constructed; `run()` does the rest."""
 
     def __init__(self, store: ActivationStore, config: SweepConfig, out: str | os.PathLike, *,
-                 resume: bool = False, force: bool = False, progress: bool = True):
+                 resume: bool = False, force: bool = False, progress: bool = True,
+                 members: Collection[str] | None = None, checkpoint: str | os.PathLike | None = None):
         self.store, self.config, self.out, self.progress = store, config, Path(out), progress
-        self.ckpt = checkpoint_path(self.out)
+        self.ckpt = checkpoint_path(self.out) if checkpoint is None else Path(checkpoint)
         self._check_store()
         self.site = store.default_site() if config.site is None else config.site
         self.d = store.width(self.site)  # raises a one-line StoreError for an unknown site
@@ -135,6 +137,9 @@ class Sweep:
             self.specs = config.members(self.d)
         except ValueError as e:
             raise TrainingError(f"{store.path}: {e}") from None
+        # `members` (distributed.py): this process trains only these members (a rank's share); `specs`
+        # stays the whole sweep, which names the run and the results file.
+        self.trained = self.specs if members is None else [s for s in self.specs if s.id in set(members)]
         self.batches_per_epoch = self.n_train // config.batch_size
         self.auto = config.auto_steps
         self.total_steps = (config.max_steps if self.auto else config.steps if config.steps is not None else
@@ -144,7 +149,7 @@ class Sweep:
         if config.bf16 and self.device.type != "cuda":
             raise TrainingError(f"{self.out}: --bf16 needs a CUDA device (this run uses {self.device})")
         self.label = config.label or f"{Path(store.path).stem}:{self.site}"
-        self.memory: MemoryEstimate = memory_estimate(self.specs, self.d, config.batch_size, self.n_test,
+        self.memory: MemoryEstimate = memory_estimate(self.trained, self.d, config.batch_size, self.n_test,
                                                       config.sample_rows)
         check_memory(self.memory, self.device, self.out)  # before anything large is allocated
         self.store_hash = store_fingerprint(store, self.site)
@@ -331,7 +336,7 @@ class Sweep:
 
     def evaluate(self) -> dict[str, dict[str, dict]]:
         """Per member id and split: metrics, row_sse and firing frequency."""
-        evals: dict[str, dict] = {s.id: {} for s in self.specs}
+        evals: dict[str, dict] = {s.id: {} for s in self.trained}
         for split in ("train", "test"):
             for specs, e in zip(self.stack_specs, self._evaluate(self._eval_stream(split))):
                 for g, spec in enumerate(specs):
@@ -340,10 +345,16 @@ class Sweep:
                                                  frequency=e.frequency[g])
         return evals
 
-    def write_results(self, evals: dict[str, dict[str, dict]]) -> Path:
-        """The results file: every member's record and arrays, the cross-member signals, the run."""
-        weights = {spec.id: st.member_weights(g) for st, specs in zip(self.stacks, self.stack_specs)
-                   for g, spec in enumerate(specs)}
+    def member_weights(self) -> dict[str, dict[str, np.ndarray]]:
+        """The trained members' final weights, by member id."""
+        return {spec.id: st.member_weights(g) for st, specs in zip(self.stacks, self.stack_specs)
+                for g, spec in enumerate(specs)}
+
+    def write_results(self, evals: dict[str, dict[str, dict]],
+                      weights: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+        """The results file: every member's record and arrays, the cross-member signals, the run.
+        `weights` (a distributed sweep: every rank's members) replaces this process's own."""
+        weights = self.member_weights() if weights is None else weights
         gt = self.store.ground_truth.get("features")
         alive = {sid: e["test"]["frequency"] > 0 for sid, e in evals.items()}
         thresholds = signal_thresholds()
@@ -413,8 +424,8 @@ class Sweep:
         the members of each stack in its order."""
         cls = architecture(self.config.arch)
         stacks, specs = [], []
-        for size in sorted({s.size for s in self.specs}):
-            group = [s for s in self.specs if s.size == size]
+        for size in sorted({s.size for s in self.trained}):
+            group = [s for s in self.trained if s.size == size]
             per_stack = max(1, STACK_ELEMENTS // (self.config.batch_size * size))
             for i in range(0, len(group), per_stack):
                 part = group[i:i + per_stack]
