@@ -693,16 +693,16 @@ class Headline:
         if f is None or not f.ok:
             return f"fit of test FVU: none ({'no setting chosen' if f is None else f.reason})"
         m5 = f.size_within_5pct.value
-        line = (f"fit of test FVU = a·m^-b + c: b {_est_text(f.exponent, '.2f')}, floor c {_est_text(f.floor, '.3f')}, "
+        line = (f"fit of test FVU = a·m^-b + c: b {estimate_text(f.exponent, '.2f')}, floor c {estimate_text(f.floor, '.3f')}, "
                 f"within 5% of floor at m={'∞' if m5 is None else f'{m5:.3g}'}")
         v = self.fit_vs_null
         if v is not None and v.null.ok:
             at = "" if self.null_setting == self.setting else f" at {self.null_setting}"
-            line += (f"; null {self.null_label}{at}: b {_est_text(v.null.exponent, '.2f')}, "
-                     f"c {_est_text(v.null.floor, '.3f')}")
+            line += (f"; null {self.null_label}{at}: b {estimate_text(v.null.exponent, '.2f')}, "
+                     f"c {estimate_text(v.null.floor, '.3f')}")
             if v.exponent_difference is not None:
-                line += (f"; data−null b {_est_text(v.exponent_difference, '+.2f')}, "
-                         f"c {_est_text(v.floor_difference, '+.3f')}")
+                line += (f"; data−null b {estimate_text(v.exponent_difference, '+.2f')}, "
+                         f"c {estimate_text(v.floor_difference, '+.3f')}")
         elif v is not None:
             line += f"; null {self.null_label}: no fit ({v.null.reason})"
         warnings = len(f.warnings) + (len(v.null.warnings) if v is not None else 0)
@@ -847,7 +847,7 @@ def attach_headline_comparisons(hs: list[Headline], counts: list[SweepCount],
                 h.comparisons[key] = compare(mine, theirs, "control" if key.startswith("control") else key)
 
 
-def _est_text(e: Estimate | None, spec: str) -> str:
+def estimate_text(e: Estimate | None, spec: str) -> str:
     if e is None or e.value is None:
         return "-"
     if e.low is None or e.high is None:
