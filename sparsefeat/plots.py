@@ -1,6 +1,13 @@
 """Figures of a count: every function takes the count table (`count.count_results`) and returns a
 matplotlib Figure whose lines are exactly the table's numbers, so tests can read the data back.
 
+Small multiples, not one crowded axis: one panel per dataset/site at its headline sparsity setting, with
+its own controls drawn in it (matched null grey and dotted, layer 0, random-init twin), at most MAX_LINES
+lines a panel, shared log axes with plain tick labels, one legend outside the panels. `summary` answers
+the question at a glance (N(m) beside the controls, the held-out loss with its scaling fit); `sensitivity`
+keeps every sparsity setting. Figures take optional headlines (`hs`) so a caller that has counted once
+does not repeat the fits' bootstrap.
+
 Figures are built with `matplotlib.figure.Figure` (the Agg canvas; no pyplot state, no display), and
 `save_figure` writes PNG and PDF atomically. Sizes are on a log axis; the caption names the package
 version and the results files, so a figure found alone says where it came from.
@@ -27,20 +34,6 @@ LOSS_LABELS = {
     "fvu": "FVU (fraction of variance unexplained)",
     "mse": "MSE per row (normalised units: E|x|² = 1)",
 }
-CONTROL_ROLES = ("control", "null", "random-init")
-
-
-def series_name(c: SweepCount, counts: list[SweepCount]) -> str:
-    """The label, with the sparsity setting when the label has more than one."""
-    many = sum(1 for o in counts if o.label == c.label) > 1
-    return f"{c.label} ({c.setting})" if many else c.label
-
-
-def _colours(counts: list[SweepCount]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-    labels = list(dict.fromkeys(c.label for c in counts))
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
 def caption(fig: Figure, counts: list[SweepCount], note: str = "") -> None:
@@ -58,35 +51,9 @@ def _new(ncols: int = 1, width: float = 9.0, height: float = 4.6) -> tuple[Figur
     return fig, list(axes)
 
 
-def _size_axis(ax) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(SIZE_LABEL)
-    ax.grid(True, which="major", alpha=0.3)
-
-
 def _values(c: SweepCount, key: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([s.size for s in c.sizes], dtype=float),
             np.array([getattr(s, key) for s in c.sizes], dtype=float))
-
-
-MARKERS = "osD^vP*X"
-
-
-def _style(c: SweepCount, counts: list[SweepCount]) -> dict:
-    """Controls are drawn thinner so the data stand out; colour names the dataset/site, the marker its
-    sparsity setting."""
-    settings = list(dict.fromkeys(o.sparsity for o in counts if o.label == c.label))
-    marker = MARKERS[settings.index(c.sparsity) % len(MARKERS)]
-    return dict(linewidth=1.0 if c.role in CONTROL_ROLES else 1.8, marker=marker, markersize=3)
-
-
-def _legend(ax, fontsize: float = 6) -> None:
-    """Beside the axes when there are many entries, so no data hide behind it."""
-    n = len(ax.get_legend_handles_labels()[1])
-    if n > 6:
-        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    elif n:
-        ax.legend(fontsize=fontsize)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,10 +217,6 @@ def _role_entries(ps: list[Panel], train: bool = False) -> dict[str, dict]:
     return entries
 
 
-def _panel_caption(fig: Figure, counts: list[SweepCount], note: str) -> None:
-    caption(fig, counts, note)
-
-
 def _empty(counts: list[SweepCount], what: str) -> Figure:
     fig, (ax,) = _new(height=2.5)
     ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center")
@@ -335,7 +298,8 @@ def dead_vs_size(counts: list[SweepCount], hs: list[Headline] | None = None) -> 
             ax.plot(x, y, **{"linestyle": "-", **ROLE_STYLE[role], "markersize": 3}, label=f"{role}: {c.label}")
         ax.set_title(p.title + _controls_note(p), fontsize=8)
         ax.set_ylim(-0.03, 1.03)
-    _finish_size_panels(fig, _sizes(c for p in ps for _, c in p.series()), blocks, "dead fraction (share of latents\nnever firing on test rows)", log_y=False)
+    _finish_size_panels(fig, _sizes(c for p in ps for _, c in p.series()), blocks,
+                        "dead fraction (share of latents\nnever firing on test rows)", log_y=False)
     _shared_legend(fig, _role_entries(ps))
     fig.suptitle("Dead latents by dictionary size, each at its headline sparsity setting", fontsize=10)
     caption(fig, counts)
@@ -601,11 +565,6 @@ def count_by_layer(counts: list[SweepCount]) -> Figure:
     ax.legend(fontsize=7)
     caption(fig, counts)
     return fig
-
-
-def _size_colour(i: int, n: int):
-    from matplotlib import colormaps
-    return colormaps["viridis"](i / max(n - 1, 1) * 0.9)
 
 
 FIGURES = {
