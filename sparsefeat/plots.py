@@ -154,19 +154,20 @@ def _grid(n: int, rows_per_panel: int = 1, width: float = 3.4, height: float = 2
 
 def _plain_ticks(values, max_ticks: int = 6) -> list[float]:
     """Ticks at 1-2-5 (or finer) multiples of powers of ten within [lo, hi], written plainly: a narrow
-    log range never gets the overlapping 2×10⁻¹…6×10⁻¹ minor labels of matplotlib's default."""
+    log range never gets the overlapping 2×10⁻¹…6×10⁻¹ minor labels of matplotlib's default. A range
+    too narrow for three of those (less than about a factor 2) gets evenly spaced round numbers."""
+    from matplotlib.ticker import MaxNLocator
     lo, hi = float(np.min(values)), float(np.max(values))
     if not (lo > 0 and hi > lo):
         return []
-    ticks: list[float] = []
-    for subs in ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8), tuple(np.arange(10, 100) / 10)):
+    for subs in ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
         ticks = [float(f"{s * 10.0 ** k:.6g}") for k in range(math.floor(math.log10(lo)) - 1,
                                                               math.ceil(math.log10(hi)) + 1)
                  for s in subs if lo <= s * 10.0 ** k <= hi]
         if len(ticks) >= 3:
-            break
-    step = math.ceil(len(ticks) / max_ticks)
-    return ticks[::step]
+            return ticks[::math.ceil(len(ticks) / max_ticks)]
+    return [float(f"{t:.6g}") for t in MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+            if lo <= t <= hi]
 
 
 def _fix_log_ticks(ax, which: str = "y") -> None:
@@ -260,8 +261,8 @@ def loss_vs_size(counts: list[SweepCount], metric: str = "fvu", hs: list[Headlin
 def _controls_note(p: Panel) -> str:
     if not p.controls:
         return ""
-    return "\n" + "; ".join(f"{role}: {c.label}" + ("" if c.setting == p.main.setting else f" ({c.setting})")
-                            for role, c in p.controls.items())
+    return "".join(f"\n{role}: {c.label}" + ("" if c.setting == p.main.setting else f" ({c.setting})")
+                   for role, c in p.controls.items())  # one line each: long site names never run into a neighbour
 
 
 def _sizes(cs) -> list[int]:
