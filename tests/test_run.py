@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from sparsefeat import cli
+from sparsefeat import cli, plots
 from sparsefeat import run as study
 
 
@@ -30,7 +30,8 @@ def test_quick_study_writes_the_whole_folder(quick_study):
     assert stores == {"sparse.h5", "gmm.h5", "square.h5", "minilm.h5", "minilm-random.h5", "null-sparse.h5",
                       "null-minilm-resid_0.h5", "null-minilm-resid_6.h5"}
     assert len(list((out / "sweeps").glob("*.h5"))) == 10
-    assert len(list((out / "figures").glob("*.png"))) == 5 and len(list((out / "figures").glob("*.pdf"))) == 5
+    n = len(plots.FIGURES)
+    assert len(list((out / "figures").glob("*.png"))) == n and len(list((out / "figures").glob("*.pdf"))) == n
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not list(out.rglob("*.ckpt"))
     # the effective config is complete and valid: it loads back to the same study
     again = study.from_table(tomllib.loads((out / "study.toml").read_text()), "study.toml")
