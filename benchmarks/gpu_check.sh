@@ -43,6 +43,31 @@ timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train.py -k cu
 echo "== sweep = solo and resume = uninterrupted (CPU code path, this machine)"
 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py -k "alone or resume_after" || status=1
 
+echo "== torchrun with NCCL: members across ranks on every GPU here, against one process"
+# One rank per GPU; with a single GPU the one rank is told to take the distributed path anyway
+# (SPARSEFEAT_DISTRIBUTED=1), so NCCL init, set_device and the object gathers still run.
+ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+nccl_dir=$(mktemp -d)
+sweep_args="--sizes 0.5x,1x,2x,4x --seeds 0,1 --steps 200 --batch-size 256 --device auto --no-progress"
+if timeout 60 "$PY" -m sparsefeat toy sparse --out "$nccl_dir/toy.h5" --n-samples 20000 --n-features 64 --d 32 --no-progress &&
+   timeout 90 "$PY" -m sparsefeat sweep "$nccl_dir/toy.h5" --out "$nccl_dir/one.h5" $sweep_args >/dev/null &&
+   SPARSEFEAT_DISTRIBUTED=1 timeout 120 "$PY" -m torch.distributed.run --nproc-per-node "$ngpu" -m sparsefeat sweep \
+       "$nccl_dir/toy.h5" --out "$nccl_dir/nccl.h5" $sweep_args >/dev/null; then
+  "$PY" - "$nccl_dir/one.h5" "$nccl_dir/nccl.h5" <<'EOF' || status=1
+import sys
+import numpy as np
+from sparsefeat.results import load_results
+with load_results(sys.argv[1]) as a, load_results(sys.argv[2]) as b:
+    assert [m.id for m in a.members] == [m.id for m in b.members]
+    worst = max(float(np.abs(a.decoder(m.id) - b.decoder(m.id)).max()) for m in a.members)
+    print(f"{len(b.members)} members over NCCL ranks; largest decoder difference vs one process {worst:.2e}")
+    assert worst < 1e-3, "the distributed sweep differs from the single-process one"
+EOF
+else
+  echo "NCCL sweep failed"; status=1
+fi
+rm -rf "$nccl_dir"
+
 echo "== bench_train.py on cuda"
 timeout 100 "$PY" benchmarks/bench_train.py --device cuda --rounds 20 --per-round 10 --repeats 2 --sweep-steps 300 || status=1
 

@@ -118,6 +118,8 @@ class Command:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.name:
+            if cls.name in COMMANDS:
+                raise ConfigError(f"command {cls.name!r} is already registered ({COMMANDS[cls.name].__qualname__})")
             COMMANDS[cls.name] = cls
 
     def configure(self, p: argparse.ArgumentParser) -> None:
@@ -196,10 +198,7 @@ class ToyCommand(Command):
                 k.add_argument("--like", type=Path, metavar="STORE",
                                help="take d and scale (E|x|^2) from this store's site")
                 k.add_argument("--like-site", metavar="SITE", help="site of --like (default: its only site)")
-            k.add_argument("--resume", action="store_true", help="continue a killed run (same arguments)")
-            k.add_argument("--force", action="store_true", help="overwrite an existing store")
-            k.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                           help="show a progress bar")
+            add_common_flags(k, resume="continue a killed run (same arguments)", force="overwrite an existing store")
 
     def run(self, args):
         from .toys import TOYS, ToyConfig, write_toy
@@ -220,11 +219,8 @@ class ImportCommand(Command):
         p.add_argument("array", type=Path, help="the array file (.npy, .pt or .safetensors)")
         p.add_argument("--out", type=Path, required=True, help="the store to write")
         add_config_args(p, ImportConfig, group="import options")
-        p.add_argument("--resume", action="store_true",
-                       help="continue an import stopped part way (e.g. by a full disk; same arguments)")
-        p.add_argument("--force", action="store_true", help="overwrite an existing store")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar")
+        add_common_flags(p, resume="continue an import stopped part way (e.g. by a full disk; same arguments)",
+                         force="overwrite an existing store")
 
     def run(self, args):
         from .store import ImportConfig, import_array
@@ -310,18 +306,20 @@ class SweepCommand(Command):
         for name, cls in sorted(ARCHITECTURES.items()):
             if cls.Options is not SAEOptions:
                 add_config_args(p, cls.Options, skip=shared, group=f"{name} options")
-        p.add_argument("--resume", action="store_true", help="continue a killed sweep from its checkpoint")
-        p.add_argument("--force", action="store_true", help="overwrite existing results or an old checkpoint")
         p.add_argument("--json", action="store_true", help="print the summary (one row per member and split) as JSON")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show the start-up line (members, memory estimate) and a progress bar")
+        add_common_flags(p, resume="continue a killed sweep from its checkpoint",
+                         force="overwrite existing results or an old checkpoint",
+                         progress="show the start-up line (members, memory estimate) and a progress bar")
 
     def run(self, args):
         from .results import describe, load_results, summary_table
         from .train import SweepConfig, train_sweep
+        from . import distributed
         config = config_from_args(SweepConfig, args, model=self.model_options(args))
-        path = train_sweep(args.store, config, args.out, resume=args.resume, force=args.force,
-                           progress=args.progress)
+        run = distributed.sweep if distributed.launched() else train_sweep  # under torchrun: members across ranks
+        path = run(args.store, config, args.out, resume=args.resume, force=args.force, progress=args.progress)
+        if path is None:  # a rank other than 0: rank 0 reports
+            return 0
         if args.json:
             print_json(describe(path)["summary"])
         else:
@@ -367,8 +365,12 @@ class HarvestCommand(Command):
     def run(self, args):
         from .harvest import HarvestConfig, harvest
         from .store import ActivationStore
-        path = harvest(config_from_args(HarvestConfig, args), args.out, resume=args.resume, force=args.force,
-                       progress=args.progress)
+        from . import distributed
+        run = distributed.harvest if distributed.launched() else harvest  # under torchrun: documents across ranks
+        path = run(config_from_args(HarvestConfig, args), args.out, resume=args.resume, force=args.force,
+                   progress=args.progress)
+        if path is None:  # a rank other than 0: rank 0 reports
+            return 0
         with ActivationStore(path) as s:
             print(f"wrote {path}: {s.n_rows():,} rows ({s.n_rows('test'):,} test) from "
                   f"{len(s.documents_test()):,} documents, sites {', '.join(s.sites)}")
@@ -455,6 +457,93 @@ class RunCommand(Command):
         result = study.run_study(config, args.out, force=args.force, progress=args.progress)
         print(result.summary())
         return 0
+
+
+# ---- export, evaluate (issue 12) -----------------------------------------------------------
+# (section: interop)
+
+
+class ExportCommand(Command):
+    name = "export"
+    help = ("write trained members of a results file for other tools: a folder SAELens loads with "
+            "SAE.load_from_disk, or plain safetensors with our config as metadata")
+
+    def configure(self, p):
+        from .export import FORMATS
+        p.add_argument("results", type=Path, help="a sweep results file (sweep.h5)")
+        p.add_argument("--member", required=True, metavar="ID|all",
+                       help="member id (see `sparsefeat inspect`), or all (one sub-folder or file per member)")
+        p.add_argument("--format", choices=FORMATS, default="saelens", help="output format (default: saelens)")
+        p.add_argument("--out", type=Path, required=True, help="the folder to write")
+        p.add_argument("--force", action="store_true", help="replace an existing folder")
+
+    def run(self, args):
+        from .export import export
+        for path in export(args.results, args.member, args.out, format=args.format, force=args.force):
+            print(f"wrote {path}")
+        return 0
+
+
+class EvaluateCommand(Command):
+    name = "evaluate"
+    help = ("evaluate an SAE saved by SAELens or sparsify on a store's held-out rows with our metrics, "
+            "beside a sparsefeat sweep of the same site")
+
+    def configure(self, p):
+        p.add_argument("sae", type=Path, metavar="SAE_DIR", help="folder with cfg.json and sae_weights.safetensors "
+                                                                 "(SAELens) or sae.safetensors (sparsify)")
+        p.add_argument("store", type=Path, help="the activation store to evaluate on (its test split)")
+        p.add_argument("--site", help="site of the store (default: --against's site, else the store's only site)")
+        p.add_argument("--against", type=Path, metavar="RESULTS", help="a sweep of the same site to compare with")
+        p.add_argument("--out", type=Path, metavar="RESULTS", help="write a one-member results file for count/plot")
+        p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+        p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    def run(self, args):
+        from . import foreign
+        from .files import check_output
+        from .results import load_results
+        if args.out is not None:
+            check_output(args.out, force=args.force, inputs=[args.store] + ([args.against] if args.against else []))
+        sae = foreign.load_foreign(args.sae)
+        against = load_results(args.against) if args.against else None
+        try:
+            site = args.site or (against.site if against else None)
+            if against is not None and site != against.site:
+                raise SparsefeatError(f"{args.against}: is a sweep of site {against.site!r}, not {site!r}")
+            ev = foreign.evaluate_foreign(sae, args.store, site=site,
+                                          scale=against.normalisation_scale if against else None)
+            rows = [dict(name=f"{sae.library} {sae.arch}", size=sae.size, sparsity=sae.k, split=split, **ev.metrics[split])
+                    for split in ("test", "train")]
+            if against is not None:
+                rows += [dict(name=f"sparsefeat {m.arch}", size=m.dictionary_size, sparsity=m.sparsity,
+                              split="test", **m.metrics["test"])
+                         for m in sorted(against.members, key=lambda m: (m.sparsity, m.dictionary_size, m.seed))
+                         if "test" in m.metrics]
+        finally:
+            if against is not None:
+                against.close()
+        if args.json:
+            print_json(dict(sae=str(args.sae), site=ev.site, normalisation_scale=ev.scale, rows=rows))
+        else:
+            print(f"{sae.describe()} on {args.store} site {ev.site}: held-out (test) rows, "
+                  f"MSE in normalised units (scale {ev.scale:.4g}); train = a train sample of the same size")
+            cols = ("name", "size", "sparsity", "split", "fvu", "mse", "l0", "dead_fraction", "shrinkage", "rows")
+            print("".join(f"{c:>14}" if i else f"{c:<22}" for i, c in enumerate(cols)))
+            for row in rows:
+                cells = [row["name"]] + [_cell(row[c]) for c in cols[1:]]
+                print("".join(f"{c:>14}" if i else f"{c:<22}" for i, c in enumerate(cells)))
+        if args.out is not None:
+            print(f"wrote {foreign.write_foreign_results(ev, args.store, args.out, force=args.force)}")
+        return 0
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SparsefeatError
+from .fit import CurveFit, Estimate, FitComparison, compare_fits, fit_loss_curve
 from .metrics import hungarian_match
 from .results import json_ready
 
@@ -365,6 +366,10 @@ class SweepCount:
     warnings: list[str] = field(default_factory=list)
     comparisons: dict[str, Comparison] = field(default_factory=dict)
     relations: dict[str, str] = field(default_factory=dict)  # role -> label of its null/layer 0/random init
+    # per size: the seed-averaged per-row test squared errors (the same rows at every size), and each
+    # test row's document when known; what the scaling fit resamples. Not written to JSON.
+    test_sse: list[np.ndarray] = field(default_factory=list, repr=False)
+    test_groups: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def setting(self) -> str:
@@ -469,13 +474,22 @@ def count_sweep(r, label: str, role: str, key: tuple, members: list, config: Cou
     else:
         saturation = find_saturation(sizes, counts, config.saturation_tolerance, config.saturation_slack,
                                      [row.reproduced_spread for row in rows])
+    # --- converge (issue 10.1): a size whose members did not converge (steps=auto) is no plateau ---
+    unconverged = [s for s in sizes if any(getattr(m, "converged", None) is False for m in by_size[s])]
+    for s in unconverged:
+        steps = max(m.steps_trained or 0 for m in by_size[s])
+        warnings.append(f"m={s} did not converge in {steps} steps; not read as a plateau")
+    if saturation.estimate is not None and any(s >= saturation.size for s in unconverged):
+        saturation = Saturation(None, None, None, saturation.estimate, sizes[-1])  # the plateau is a lower bound
+    # --- end converge ---
+    groups = test_documents(r, len(test_sse[0]))
     held = held_out_stop(sizes, test_sse, train_loss, config.bootstrap, config.confidence, config.seed,
-                         groups=test_documents(r, len(test_sse[0])))
+                         groups=groups)
     arch, sparsity_name, sparsity = key
     return SweepCount(label=label, results_path=str(r.path), site=r.site, d=int(r.d), role=role, arch=arch,
                       sparsity_name=sparsity_name, sparsity=sparsity, expected=expected_features(r),
                       sizes=rows, saturation=saturation, held_out=held,
-                      warnings=warnings)
+                      warnings=warnings, test_sse=test_sse, test_groups=groups)
 
 
 def undertraining_warnings(rows: list[SizeRow], tolerance: float = 0.05) -> list[str]:
@@ -681,11 +695,36 @@ class Headline:
     scores: list[SettingScore]
     warnings: list[str] = field(default_factory=list)
     comparisons: dict[str, Comparison] = field(default_factory=dict)
+    fit: CurveFit | None = None                # held-out FVU(m) = a·m^-b + c at the chosen setting
+    fit_vs_null: FitComparison | None = None   # the same fit of the matched null (at its own chosen setting)
+    null_label: str | None = None
+    null_setting: str | None = None            # the null's setting that `fit_vs_null` used
 
     @property
     def setting(self) -> str:
         s = self.sparsity
         return "-" if s is None else f"{s['arch']} {s['name']}={s['value']:g}"
+
+    def fit_text(self) -> str:
+        """One line: the exponent and floor of the held-out fit with their intervals, beside the null's."""
+        f = self.fit
+        if f is None or not f.ok:
+            return f"fit of test FVU: none ({'no setting chosen' if f is None else f.reason})"
+        m5 = f.size_within_5pct.value
+        line = (f"fit of test FVU = a·m^-b + c: b {estimate_text(f.exponent, '.2f')}, floor c {estimate_text(f.floor, '.3f')}, "
+                f"within 5% of floor at m={'∞' if m5 is None else f'{m5:.3g}'}")
+        v = self.fit_vs_null
+        if v is not None and v.null.ok:
+            at = "" if self.null_setting == self.setting else f" at {self.null_setting}"
+            line += (f"; null {self.null_label}{at}: b {estimate_text(v.null.exponent, '.2f')}, "
+                     f"c {estimate_text(v.null.floor, '.3f')}")
+            if v.exponent_difference is not None:
+                line += (f"; data−null b {estimate_text(v.exponent_difference, '+.2f')}, "
+                         f"c {estimate_text(v.floor_difference, '+.3f')}")
+        elif v is not None:
+            line += f"; null {self.null_label}: no fit ({v.null.reason})"
+        warnings = len(f.warnings) + (len(v.null.warnings) if v is not None else 0)
+        return line + (f" ({warnings} fit warning{'s' * (warnings > 1)}, see --json)" if warnings else "")
 
     def text(self) -> str:
         """One line: the number (or why there is none), the chosen setting and the rule."""
@@ -794,7 +833,9 @@ def headlines(counts: list[SweepCount], config: CountConfig | None = None) -> li
     for c in counts:
         by_label.setdefault(c.label, []).append(c)
     out = [headline(group, config) for group in by_label.values()]
-    attach_headline_comparisons(out, counts, {label: group[0].relations for label, group in by_label.items()})
+    relations = {label: group[0].relations for label, group in by_label.items()}
+    attach_headline_comparisons(out, counts, relations)
+    attach_fits(out, counts, relations, config)
     return out
 
 
@@ -822,6 +863,56 @@ def attach_headline_comparisons(hs: list[Headline], counts: list[SweepCount],
             theirs = chosen_sweep(by_label[other], counts) if other in by_label else None
             if theirs is not None:
                 h.comparisons[key] = compare(mine, theirs, "control" if key.startswith("control") else key)
+
+
+def estimate_text(e: Estimate | None, spec: str) -> str:
+    if e is None or e.value is None:
+        return "-"
+    if e.low is None or e.high is None:
+        return format(e.value, spec)
+    return f"{format(e.value, spec)} [{format(e.low, spec)}, {format(e.high, spec)}]"
+
+
+def fit_sweep(c: SweepCount, config: CountConfig) -> CurveFit:
+    """The held-out FVU(m) = a·m^-b + c of one sweep (seed-mean test FVU by size), with bootstrap
+    intervals over its test rows (whole documents when known). The bootstrap seed depends on the label,
+    so that a dataset's and its null's replicates are independent, as `compare_fits` assumes."""
+    import zlib
+    rows = c.test_sse if len(c.test_sse) == len(c.sizes) else None
+    return fit_loss_curve([s.size for s in c.sizes], [s.test_fvu for s in c.sizes], row_errors=rows,
+                          groups=c.test_groups if rows is not None else None, n_boot=config.bootstrap,
+                          confidence=config.confidence, seed=config.seed + zlib.crc32(c.label.encode()) % 100_000)
+
+
+def attach_fits(hs: list[Headline], counts: list[SweepCount], relations: dict[str, dict[str, str]],
+                config: CountConfig) -> None:
+    """Each headline's held-out fit at its chosen setting, and beside it its matched null's: a power law
+    alone says nothing, a Gaussian's curve falls as one too. The null is fitted at the *same* setting
+    when it was trained there (the same penalty on data of the same mean and covariance, so the curves
+    differ by the sparse structure alone), else at its own chosen setting; `null_setting` says which.
+    The null's own knee is usually its densest setting, where L0 reaches d and any dictionary
+    reconstructs a Gaussian almost exactly: a floor near 0 that says nothing about features."""
+    fits: dict[int, CurveFit] = {}
+
+    def fit_of(c: SweepCount) -> CurveFit:
+        if id(c) not in fits:
+            fits[id(c)] = fit_sweep(c, config)
+        return fits[id(c)]
+
+    for h in hs:
+        chosen = chosen_sweep(h, counts)
+        h.fit = fit_of(chosen) if chosen is not None else None
+    by_label = {h.label: h for h in hs}
+    for h in hs:
+        null = by_label.get(relations.get(h.label, {}).get("null"))
+        if h.fit is None or null is None:
+            continue
+        same = next((c for c in counts if c.label == null.label and _sparsity_of(c) == h.sparsity), None)
+        theirs = same or chosen_sweep(null, counts)
+        if theirs is None:
+            continue
+        h.null_label, h.null_setting = null.label, theirs.setting
+        h.fit_vs_null = compare_fits(h.fit, fit_of(theirs), config.confidence)
 
 
 @dataclass
@@ -884,12 +975,40 @@ def size_table(c: SweepCount) -> str:
 def headline_json(h: Headline) -> dict:
     """A headline as a JSON-ready dict, with its one-line text and the within-noise verdicts."""
     d = asdict(h)
+    for key in ("fit", "fit_vs_null", "null_label", "null_setting"):
+        d.pop(key)
+    d["fit"] = fit_json(h)
     d["setting"] = h.setting
     d["text"] = h.text()
     for key, comp in h.comparisons.items():
         d["comparisons"][key]["within_noise"] = comp.within_noise
         d["comparisons"][key]["text"] = comp.text()
     return json_ready(d)
+
+
+def _curve_json(f: CurveFit) -> dict:
+    d = f.to_json()
+    d["size_within_5pct_of_floor"] = d.pop("size_within_5pct")
+    return d
+
+
+def fit_json(h: Headline) -> dict:
+    """The `fit` object of a headline: its curve fit (`exponent`, `floor`, `amplitude`,
+    `size_within_5pct_of_floor`, each {value, low, high}; `warnings`), and `null`: the matched null's fit
+    with the differences data − null (None when the dataset has no null among the files)."""
+    if h.fit is None:
+        return json_ready(dict(ok=False, reason="no setting chosen: " + (h.reason or "none"), exponent=None,
+                               floor=None, amplitude=None, size_within_5pct_of_floor=None, warnings=[], null=None))
+    d = _curve_json(h.fit)
+    v = h.fit_vs_null
+    d["null"] = None if v is None else json_ready(dict(
+        label=h.null_label, setting=h.null_setting, same_setting=h.null_setting == h.setting,
+        fit=_curve_json(v.null),
+        exponent_difference=None if v.exponent_difference is None else v.exponent_difference.to_json(),
+        floor_difference=None if v.floor_difference is None else v.floor_difference.to_json(),
+        reason=v.reason, warnings=v.warnings))
+    d["text"] = h.fit_text()
+    return d
 
 
 def to_json(counts: list[SweepCount], hs: list[Headline] | None = None) -> list[dict]:
@@ -903,6 +1022,8 @@ def to_json(counts: list[SweepCount], hs: list[Headline] | None = None) -> list[
     out = []
     for c in counts:
         d = asdict(c)
+        for key in ("test_sse", "test_groups"):  # per-row arrays: the fit's input, not a result
+            d.pop(key)
         d["estimate_text"] = c.estimate_text()
         d["held_out_text"] = c.held_out_text()
         d["held_out"]["train_still_falls"] = c.held_out.train_still_falls
@@ -917,5 +1038,5 @@ def to_json(counts: list[SweepCount], hs: list[Headline] | None = None) -> list[
 
 
 def headline_lines(hs: list[Headline]) -> list[str]:
-    """The text output's lead: one line per dataset/site."""
-    return [h.text() for h in hs]
+    """The text output's lead: per dataset/site, its headline and, indented, its held-out fit."""
+    return [line for h in hs for line in (h.text(), "  " + h.fit_text())]

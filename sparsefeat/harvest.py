@@ -34,6 +34,7 @@ from .device import resolve_device
 from .errors import SparsefeatError
 from .files import check_output
 from .store import StoreWriter, split_documents
+from .store.writer import DTYPES
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 FLOAT16_MAX = 65504.0
@@ -88,7 +89,7 @@ class HarvestConfig:
         "help": "documents are committed in blocks of about this many tokens (whole documents); "
                 "memory holds one block of activations"})
     dtype: str = field(default="float32", metadata={
-        "help": "storage precision", "choices": ["float16", "float32"]})
+        "help": "storage precision", "choices": list(DTYPES)})
     device: str = field(default="auto", metadata={"help": "torch device, or auto (cuda if available)"})
     test_fraction: float = field(default=0.1, metadata={"help": "share of documents in the test split"})
     seed: int = field(default=0, metadata={"help": "seed of the per-document train/test split"})
@@ -105,7 +106,7 @@ class HarvestConfig:
             if any(x < 0 for x in self.layers):
                 raise HarvestError(f"layers must be 0 or more, got {self.layers}")
         checks = [
-            (self.dtype in ("float16", "float32"), f"dtype must be float16 or float32, not {self.dtype!r}"),
+            (self.dtype in DTYPES, f"dtype must be {' or '.join(DTYPES)}, not {self.dtype!r}"),
             (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
             (self.block_tokens > 0, f"block tokens must be positive, got {self.block_tokens}"),
             (self.max_length > 0, f"max length must be positive, got {self.max_length}"),
@@ -351,6 +352,19 @@ def iter_blocks(corpus: Corpus, tokenizer, *, start: int, stop: int, max_length:
         yield block
 
 
+def planned_blocks(corpus: Corpus, tokenizer, blocks: Sequence[tuple[int, int]], *, done_docs: int,
+                   max_length: int) -> Iterator[Block]:
+    """The given (first, stop) document blocks in order, tokenized, less the first `done_docs`
+    documents (whole blocks a resumed writer has committed). One rank's shard of a distributed
+    harvest (distributed.py): its blocks are the single-process run's blocks, cut the same way."""
+    for first, stop in blocks:
+        if done_docs > 0:
+            done_docs -= stop - first
+            continue
+        windows = tokenize_documents(tokenizer, corpus.documents[first:stop], first, max_length)
+        yield Block(first, stop, [w for doc_windows in windows for w in doc_windows])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward passes -> rows
 # --------------------------------------------------------------------------------------------
@@ -510,13 +524,14 @@ def _provenance(config: HarvestConfig, loaded: LoadedModel, corpus: Corpus, laye
 
 
 def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = False, force: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, blocks: Sequence[tuple[int, int]] | None = None) -> Path:
     """Run a corpus through a model and write the chosen sites to the activation store `out`.
 
     Rows are the corpus' tokens in document order (special and padding tokens dropped unless
     `keep_special`); `tokens/doc|pos|ids` trace each row back to its text, the train/test split is
     by document. `resume=True` continues a killed harvest at its first uncommitted block and ends
     with the same store an uninterrupted run writes. Returns the path of the finished store.
+    `blocks` (distributed.py): write only these (first, stop) document blocks, one rank's shard.
     """
     # Before the model loads: an existing folder, a read-only folder, an existing store without --force.
     out = check_output(out, force=force, allow_existing=resume)
@@ -543,7 +558,7 @@ def harvest(config: HarvestConfig, out: str | os.PathLike, *, resume: bool = Fal
         with StoreWriter(out, sites=sites, provenance=provenance, kind="model", dtype=config.dtype,
                          units="model hidden units", split_unit="document", test_fraction=config.test_fraction,
                          split_seed=config.seed, tokens=True, resume=resume, force=force) as writer:
-            _write_blocks(writer, loaded, corpus, config, layers, capture, n_docs, progress)
+            _write_blocks(writer, loaded, corpus, config, layers, capture, n_docs, progress, blocks)
     finally:
         if handle is not None:
             handle.remove()
@@ -561,8 +576,12 @@ def _check_max_length(loaded: LoadedModel, max_length: int) -> None:
 
 
 def _write_blocks(writer: StoreWriter, loaded: LoadedModel, corpus: Corpus, config: HarvestConfig,
-                  layers: list[int], capture: _Capture | None, n_docs: int, progress: bool) -> None:
+                  layers: list[int], capture: _Capture | None, n_docs: int, progress: bool,
+                  blocks: Sequence[tuple[int, int]] | None = None) -> None:
     start = writer.committed_docs
+    if blocks is not None:  # a shard: its blocks are planned, max_tokens already applied by the plan
+        n_docs = sum(stop - first for first, stop in blocks)
+        config = dataclasses.replace(config, max_tokens=None)
     bar = tqdm(total=n_docs, initial=start, unit="doc", desc=f"harvest {Path(writer.path).name}",
                disable=not progress, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
@@ -570,8 +589,10 @@ def _write_blocks(writer: StoreWriter, loaded: LoadedModel, corpus: Corpus, conf
         def rows_wanted() -> int | None:
             return None if config.max_tokens is None else config.max_tokens - writer.committed_rows
 
-        for block in iter_blocks(corpus, loaded.tokenizer, start=start, stop=n_docs, max_length=config.max_length,
-                                 block_tokens=config.block_tokens, rows_wanted=rows_wanted):
+        source = (iter_blocks(corpus, loaded.tokenizer, start=start, stop=n_docs, max_length=config.max_length,
+                              block_tokens=config.block_tokens, rows_wanted=rows_wanted) if blocks is None else
+                  planned_blocks(corpus, loaded.tokenizer, blocks, done_docs=start, max_length=config.max_length))
+        for block in source:
             # Checked before each block, against committed rows, so a resumed run stops where
             # an uninterrupted one does: after the block that reaches max_tokens.
             if config.max_tokens is not None and writer.committed_rows >= config.max_tokens:

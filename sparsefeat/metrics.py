@@ -2,7 +2,7 @@
 
 Every function accepts torch tensors or numpy arrays (anything `torch.as_tensor` takes) and does not
 modify its inputs. Shapes: `x`, `x_hat` are [rows, d]; `codes` are [rows, m]; dictionaries (`a`, `b`,
-`decoder`, `ground_truth`) are [atoms, d] with one atom per row (the layout of CONTRACTS.md).
+`decoder`, `ground_truth`) are [atoms, d] with one atom per row (the layout of every decoder in sparsefeat).
 The trainer uses them at evaluation, the analysis on results files, so both compute the same thing.
 
 Matching limit: one-to-one (Hungarian) matching costs O(n^3) time and an [n_a, n_b] matrix, so it is

@@ -1,6 +1,13 @@
 """Figures of a count: every function takes the count table (`count.count_results`) and returns a
 matplotlib Figure whose lines are exactly the table's numbers, so tests can read the data back.
 
+Small multiples, not one crowded axis: one panel per dataset/site at its headline sparsity setting, with
+its own controls drawn in it (matched null grey and dotted, layer 0, random-init twin), at most MAX_LINES
+lines a panel, shared log axes with plain tick labels, one legend outside the panels. `summary` answers
+the question at a glance (N(m) beside the controls, the held-out loss with its scaling fit); `sensitivity`
+keeps every sparsity setting. Figures take optional headlines (`hs`) so a caller that has counted once
+does not repeat the fits' bootstrap.
+
 Figures are built with `matplotlib.figure.Figure` (the Agg canvas; no pyplot state, no display), and
 `save_figures` writes PNG and PDF atomically, all figures or none. Sizes are on a log axis; the caption names the package
 version and the results files, so a figure found alone says where it came from.
@@ -11,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from . import __version__
-from .count import SweepCount
+from .count import (CountConfig, Headline, SweepCount, _sparsity_of, chosen_sweep, estimate_text, headline,
+                    headlines)
 from .errors import SparsefeatError
 from .files import OutputError, atomic_path, check_folder_writable
 
@@ -26,20 +36,6 @@ LOSS_LABELS = {
     "fvu": "FVU (fraction of variance unexplained)",
     "mse": "MSE per row (normalised units: E|x|² = 1)",
 }
-CONTROL_ROLES = ("control", "null", "random-init")
-
-
-def series_name(c: SweepCount, counts: list[SweepCount]) -> str:
-    """The label, with the sparsity setting when the label has more than one."""
-    many = sum(1 for o in counts if o.label == c.label) > 1
-    return f"{c.label} ({c.setting})" if many else c.label
-
-
-def _colours(counts: list[SweepCount]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-    labels = list(dict.fromkeys(c.label for c in counts))
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
 def caption(fig: Figure, counts: list[SweepCount], note: str = "") -> None:
@@ -57,35 +53,179 @@ def _new(ncols: int = 1, width: float = 9.0, height: float = 4.6) -> tuple[Figur
     return fig, list(axes)
 
 
-def _size_axis(ax) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(SIZE_LABEL)
-    ax.grid(True, which="major", alpha=0.3)
-
-
 def _values(c: SweepCount, key: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([s.size for s in c.sizes], dtype=float),
             np.array([getattr(s, key) for s in c.sizes], dtype=float))
 
 
-MARKERS = "osD^vP*X"
+# --------------------------------------------------------------------------------------------
+# Panels: one dataset/site each, at its headline setting, with its own controls
+# --------------------------------------------------------------------------------------------
+
+# One colour and one style per role inside a panel: the legend (outside the panels, shared by all of
+# them) names roles, the panel title names the datasets. The matched null is grey and dotted.
+ROLE_STYLE = {
+    "data": dict(color="C0", linewidth=1.8, marker="o"),
+    "matched null": dict(color="0.45", linewidth=1.4, marker="s", linestyle=":"),
+    "layer 0": dict(color="C2", linewidth=1.2, marker="^"),
+    "random init": dict(color="C3", linewidth=1.2, marker="v"),
+}
+CONTROL_RELATIONS = (("matched null", "null"), ("layer 0", "layer 0"), ("random init", "random init"))
+MAX_LINES = 8  # per panel: more than this and a reader can no longer follow one line
+MAX_COLUMNS = 4
+MIN_WIDTH = 8.0  # inches: room for the title of a single panel
+LEGEND_WIDTH = 2.2  # inches beside the panels for the shared legend
 
 
-def _style(c: SweepCount, counts: list[SweepCount]) -> dict:
-    """Controls are drawn thinner so the data stand out; colour names the dataset/site, the marker its
-    sparsity setting."""
-    settings = list(dict.fromkeys(o.sparsity for o in counts if o.label == c.label))
-    marker = MARKERS[settings.index(c.sparsity) % len(MARKERS)]
-    return dict(linewidth=1.0 if c.role in CONTROL_ROLES else 1.8, marker=marker, markersize=3)
+@dataclass
+class Panel:
+    """One dataset/site at its headline setting, and its controls (role -> sweep) as drawn beside it."""
+    headline: Headline
+    main: SweepCount
+    controls: dict[str, SweepCount]
+
+    @property
+    def title(self) -> str:
+        return f"{self.main.label} [{self.main.role}], {self.main.setting}"
+
+    def series(self) -> list[tuple[str, SweepCount]]:
+        return [("data", self.main), *self.controls.items()]
 
 
-def _legend(ax, fontsize: float = 6) -> None:
-    """Beside the axes when there are many entries, so no data hide behind it."""
-    n = len(ax.get_legend_handles_labels()[1])
-    if n > 6:
-        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    elif n:
-        ax.legend(fontsize=fontsize)
+def _headlines(counts: list[SweepCount], hs: list[Headline] | None, fits: bool = False) -> list[Headline]:
+    """The headlines of the count (computed with the default rule when not given; the scaling fits only
+    when asked, as they cost a bootstrap)."""
+    if hs is not None:
+        return hs
+    if fits:
+        return headlines(counts)
+    groups: dict[str, list[SweepCount]] = {}
+    for c in counts:
+        groups.setdefault(c.label, []).append(c)
+    return [headline(g, CountConfig()) for g in groups.values()]
+
+
+def _at_setting(counts: list[SweepCount], label: str, like: dict | None, hs: dict[str, Headline]):
+    """`label`'s sweep at setting `like` when it was trained there, else at its own headline setting."""
+    mine = [c for c in counts if c.label == label]
+    same = [c for c in mine if like is not None and _sparsity_of(c) == like]
+    return same[0] if same else (chosen_sweep(hs[label], counts) if label in hs else None)
+
+
+def panels(counts: list[SweepCount], hs: list[Headline] | None = None) -> list[Panel]:
+    """One panel per dataset/site that has a headline setting, in the order of the count, except the
+    matched nulls and random-init twins drawn inside another's panel. A null is drawn at its dataset's
+    setting when it was trained there (the same penalty on matched data), else at its own headline
+    setting; layer 0 and the random-init twin at their own headline settings."""
+    hs = _headlines(counts, hs)
+    by_label = {h.label: h for h in hs}
+    relations = {c.label: c.relations for c in counts}
+    out = []
+    for h in hs:
+        main = chosen_sweep(h, counts)
+        if main is None:
+            continue
+        controls = {}
+        for role, key in CONTROL_RELATIONS:
+            other = relations.get(h.label, {}).get(key)
+            like = h.sparsity if role == "matched null" else None
+            sweep = _at_setting(counts, other, like, by_label) if other else None
+            if sweep is not None:
+                controls[role] = sweep
+        out.append(Panel(h, main, controls))
+    drawn = {c.label for p in out for role, c in p.controls.items() if role in ("matched null", "random init")}
+    return [p for p in out if p.main.label not in drawn]
+
+
+def _grid(n: int, rows_per_panel: int = 1, width: float = 3.4, height: float = 2.9, sharey="all"):
+    """A figure of `n` panel blocks, `rows_per_panel` axes high, at most MAX_COLUMNS blocks a row.
+    Returns (figure, blocks), blocks[k][r] the r-th axes of block k. Sizes share one log axis."""
+    cols = max(1, min(n, MAX_COLUMNS))
+    block_rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(max(width * cols, MIN_WIDTH - LEGEND_WIDTH) + LEGEND_WIDTH,
+                          height * rows_per_panel * block_rows + 1.0),
+                 layout="constrained")
+    axes = fig.subplots(block_rows * rows_per_panel, cols, squeeze=False, sharex=True,
+                        sharey=sharey if rows_per_panel == 1 else False)
+    blocks = [[axes[(k // cols) * rows_per_panel + r, k % cols] for r in range(rows_per_panel)] for k in range(n)]
+    for k in range(n, block_rows * cols):
+        for r in range(rows_per_panel):
+            axes[(k // cols) * rows_per_panel + r, k % cols].set_visible(False)
+    return fig, blocks
+
+
+def _plain_ticks(values, max_ticks: int = 6) -> list[float]:
+    """Ticks at 1-2-5 (or finer) multiples of powers of ten within [lo, hi], written plainly: a narrow
+    log range never gets the overlapping 2×10⁻¹…6×10⁻¹ minor labels of matplotlib's default. A range
+    too narrow for three of those (less than about a factor 2) gets evenly spaced round numbers."""
+    from matplotlib.ticker import MaxNLocator
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if not (lo > 0 and hi > lo):
+        return []
+    for subs in ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [float(f"{s * 10.0 ** k:.6g}") for k in range(math.floor(math.log10(lo)) - 1,
+                                                              math.ceil(math.log10(hi)) + 1)
+                 for s in subs if lo <= s * 10.0 ** k <= hi]
+        if len(ticks) >= 3:
+            return ticks[::math.ceil(len(ticks) / max_ticks)]
+    return [float(f"{t:.6g}") for t in MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+            if lo <= t <= hi]
+
+
+def _fix_log_ticks(ax, which: str = "y") -> None:
+    """Plain major ticks on a log axis from its current limits; no minor labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lim = ax.get_ylim() if which == "y" else ax.get_xlim()
+    ticks = _plain_ticks(lim)
+    if ticks:
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _size_ticks(ax, sizes) -> None:
+    """Log-2 size axis with a plain label at the trained sizes (every other one when there are many)."""
+    ax.set_xscale("log", base=2)
+    _size_ticks_on(ax.xaxis, sizes)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _size_ticks_on(axis, sizes) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+    sizes = sorted({int(s) for s in sizes})
+    step = math.ceil(len(sizes) / 7)
+    axis.set_major_locator(FixedLocator(sizes[::-1][::step][::-1]))  # the largest size always labelled
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _shared_legend(fig: Figure, entries: dict[str, dict]) -> None:
+    """One legend for every panel, to their right, outside the data: role and line style, once each."""
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], **style) for style in entries.values()]
+    fig.legend(handles, list(entries), loc="outside right center", fontsize=7, frameon=False)
+
+
+def _role_entries(ps: list[Panel], train: bool = False) -> dict[str, dict]:
+    roles = list(dict.fromkeys(role for p in ps for role, _ in p.series()))
+    entries = {}
+    for role in roles:
+        style = ROLE_STYLE[role]
+        test_style = {**style, "linestyle": style.get("linestyle", "-")}
+        entries[f"{role}, test" if train else role] = test_style
+        if train and role != "matched null":
+            entries[f"{role}, train"] = {**style, "linestyle": "--", "marker": None}
+    return entries
+
+
+def _empty(counts: list[SweepCount], what: str) -> Figure:
+    fig, (ax,) = _new(height=2.5)
+    ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center")
+    ax.set_axis_off()
+    caption(fig, counts)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,124 +233,309 @@ def _legend(ax, fontsize: float = 6) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def loss_vs_size(counts: list[SweepCount], metric: str = "fvu") -> Figure:
-    """1. Train (dashed) and test (solid) loss vs m, one colour per dataset/site, controls included."""
+def loss_vs_size(counts: list[SweepCount], metric: str = "fvu", hs: list[Headline] | None = None) -> Figure:
+    """Train (dashed) and test (solid) loss vs m: one panel per dataset/site at its headline setting,
+    with its controls (matched null dotted, test only; layer 0 and random-init twin); shared log axes."""
     if metric not in LOSS_LABELS:
         raise SparsefeatError(f"unknown loss metric {metric!r} (one of {', '.join(LOSS_LABELS)})")
-    fig, (ax,) = _new()
-    colour = _colours(counts)
-    for c in counts:
-        name = series_name(c, counts)
-        for split, dash in (("train", "--"), ("test", "-")):
-            x, y = _values(c, f"{split}_{metric}")
-            hidden = "_" if split == "train" else ""  # one legend entry per series: the title names the styles
-            ax.plot(x, y, linestyle=dash, color=colour[c.label], label=f"{hidden}{name} [{c.role}] {split}",
-                    **_style(c, counts))
-    _size_axis(ax)
-    ax.set_yscale("log")
-    ax.set_ylabel(LOSS_LABELS[metric])
-    ax.set_title(f"Train (dashed) and test (solid) {metric.upper()} by dictionary size")
-    _legend(ax)
+    ps = panels(counts, hs)
+    if not ps:
+        return _empty(counts, "no dataset/site with a usable sparsity setting")
+    fig, blocks = _grid(len(ps))
+    for p, (ax,) in zip(ps, blocks):
+        for role, c in p.series():
+            style = ROLE_STYLE[role]
+            x, y = _values(c, f"test_{metric}")
+            ax.plot(x, y, **{"linestyle": "-", **style, "markersize": 3}, label=f"{role}: {c.label} test")
+            if role != "matched null":  # the null's train curve repeats its test curve; it would only crowd
+                x, y = _values(c, f"train_{metric}")
+                ax.plot(x, y, **{**style, "linestyle": "--", "marker": None}, label=f"{role}: {c.label} train")
+        ax.set_title(p.title + _controls_note(p), fontsize=8)
+        ax.set_yscale("log")
+    _finish_size_panels(fig, _sizes(c for p in ps for _, c in p.series()), blocks, LOSS_LABELS[metric])
+    _shared_legend(fig, _role_entries(ps, train=True))
+    fig.suptitle(f"Held-out (solid) and train (dashed) {metric.upper()} by dictionary size, each at its "
+                 "headline sparsity setting", fontsize=10)
     caption(fig, counts)
     return fig
 
 
-def dead_vs_size(counts: list[SweepCount]) -> Figure:
-    """2. Share of latents that never fire on the test split, vs m."""
-    fig, (ax,) = _new()
-    colour = _colours(counts)
-    for c in counts:
-        x, y = _values(c, "dead_fraction")
-        ax.plot(x, y, color=colour[c.label], label=f"{series_name(c, counts)} [{c.role}]", **_style(c, counts))
-    _size_axis(ax)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("dead fraction (share of latents never firing on test rows)")
-    ax.set_title("Dead latents by dictionary size")
-    _legend(ax)
+def _controls_note(p: Panel) -> str:
+    if not p.controls:
+        return ""
+    return "".join(f"\n{role}: {c.label}" + ("" if c.setting == p.main.setting else f" ({c.setting})")
+                   for role, c in p.controls.items())  # one line each: long site names never run into a neighbour
+
+
+def _sizes(cs) -> list[int]:
+    return [s.size for c in cs for s in c.sizes]
+
+
+def _finish_size_panels(fig, sizes, blocks, ylabel: str, rows=(0,), log_y: bool = True) -> None:
+    """Plain size ticks on the shared log-2 axis, plain log ticks, labels on the outer panels only."""
+    for k, block in enumerate(blocks):
+        for r in rows:
+            ax = block[r]
+            _size_ticks(ax, sizes)
+            if log_y:
+                _fix_log_ticks(ax)
+            if k % MAX_COLUMNS == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+    for block in blocks:
+        block[-1].set_xlabel("dictionary size m (latents, log scale)", fontsize=8)
+        block[-1].xaxis.set_tick_params(labelbottom=True)
+    for block in blocks:
+        for ax in block:
+            ax.tick_params(labelsize=7)
+
+
+def dead_vs_size(counts: list[SweepCount], hs: list[Headline] | None = None) -> Figure:
+    """Share of latents that never fire on the test split vs m, per dataset/site with its controls."""
+    ps = panels(counts, hs)
+    if not ps:
+        return _empty(counts, "no dataset/site with a usable sparsity setting")
+    fig, blocks = _grid(len(ps))
+    for p, (ax,) in zip(ps, blocks):
+        for role, c in p.series():
+            x, y = _values(c, "dead_fraction")
+            ax.plot(x, y, **{"linestyle": "-", **ROLE_STYLE[role], "markersize": 3}, label=f"{role}: {c.label}")
+        ax.set_title(p.title + _controls_note(p), fontsize=8)
+        ax.set_ylim(-0.03, 1.03)
+    _finish_size_panels(fig, _sizes(c for p in ps for _, c in p.series()), blocks,
+                        "dead fraction (share of latents\nnever firing on test rows)", log_y=False)
+    _shared_legend(fig, _role_entries(ps))
+    fig.suptitle("Dead latents by dictionary size, each at its headline sparsity setting", fontsize=10)
     caption(fig, counts)
     return fig
 
 
-def agreement_vs_size(counts: list[SweepCount]) -> Figure:
-    """3. MMCS with the next larger dictionary (left), the cross-seed shared fraction (middle) and the
-    reproduced distinct directions N(m) of the count rule (right, with N = m for reference)."""
-    fig, axes = _new(3, width=4.6)
-    colour = _colours(counts)
-    panels = (("mmcs_next", "MMCS with the next larger dictionary (cosine)", (0, 1.02)),
-              ("shared_seed", "cross-seed shared fraction (share of latents)", (-0.02, 1.02)),
-              ("reproduced", "reproduced distinct directions N(m) (latents)", None))
-    for ax, (key, ylabel, ylim) in zip(axes, panels):
-        for c in counts:
+AGREEMENT = (("mmcs_next", "MMCS with next larger\ndictionary (cosine)", (0, 1.03)),
+             ("shared_seed", "cross-seed shared\nfraction of latents", (-0.03, 1.03)),
+             ("reproduced", "reproduced directions\nN(m) (latents)", None))
+
+
+def agreement_vs_size(counts: list[SweepCount], hs: list[Headline] | None = None) -> Figure:
+    """Per dataset/site (a column of three panels): MMCS with the next larger dictionary, the cross-seed
+    shared fraction, and the count rule's reproduced directions N(m), beside its controls."""
+    ps = panels(counts, hs)
+    if not ps:
+        return _empty(counts, "no dataset/site with a usable sparsity setting")
+    fig, blocks = _grid(len(ps), rows_per_panel=3, height=2.2)
+    for p, block in zip(ps, blocks):
+        for ax, (key, ylabel, ylim) in zip(block, AGREEMENT):
+            for role, c in p.series():
+                x, y = _values(c, key)
+                ax.plot(x, y, **{"linestyle": "-", **ROLE_STYLE[role], "markersize": 3}, label=f"{role}: {c.label}")
+            if ylim:
+                ax.set_ylim(*ylim)
+            else:
+                ax.set_ylim(bottom=0)
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        block[0].set_title(p.title + _controls_note(p), fontsize=8)
+        for ax, (_, ylabel, _) in zip(block, AGREEMENT):
+            ax.set_ylabel(ylabel, fontsize=7)
+    _finish_size_panels(fig, _sizes(c for p in ps for _, c in p.series()), blocks, "", rows=(0, 1, 2), log_y=False)
+    for block in blocks:
+        for ax, (_, ylabel, _) in zip(block, AGREEMENT):
+            ax.set_ylabel(ylabel, fontsize=7)
+    _shared_legend(fig, _role_entries(ps))
+    fig.suptitle("Agreement between dictionaries: across sizes, across seeds, and the count rule's N(m)",
+                 fontsize=10)
+    caption(fig, counts)
+    return fig
+
+
+def _by_setting(counts: list[SweepCount], hs: list[Headline] | None, key: str, ylabel: str, title: str,
+                keep=lambda c: True, ylim=None, expected: bool = True) -> Figure:
+    """One panel per dataset/site, one line per sparsity setting (the headline setting thick and
+    labelled), at most MAX_LINES lines: the sensitivity of `key` to the setting."""
+    hs = _headlines(counts, hs)
+    chosen = {h.label: h.sparsity for h in hs}
+    excluded = [(h.label, e["sparsity"]) for h in hs for e in h.excluded]
+    labels = [label for label in dict.fromkeys(c.label for c in counts)
+              if any(keep(c) for c in counts if c.label == label)]
+    if not labels:
+        return _empty(counts, f"nothing to show: {title.lower()}")
+    fig, blocks = _grid(len(labels), sharey=False)
+    from matplotlib import colormaps
+    for label, (ax,) in zip(labels, blocks):
+        mine = sorted((c for c in counts if c.label == label), key=lambda c: c.sparsity)[:MAX_LINES]
+        cmap = colormaps["plasma"]
+        for i, c in enumerate(mine):
+            head = _sparsity_of(c) == chosen.get(label)
+            out = (label, _sparsity_of(c)) in excluded  # collapsed: dashed, and says so
             x, y = _values(c, key)
-            ax.plot(x, y, color=colour[c.label], label=f"{series_name(c, counts)} [{c.role}]", **_style(c, counts))
-        _size_axis(ax)
-        ax.set_ylabel(ylabel)
+            ax.plot(x, y, color=cmap(0.85 * i / max(len(mine) - 1, 1)), linewidth=2.6 if head else 1.0,
+                    marker="o", markersize=3.5 if head else 2.5, alpha=1.0 if head else 0.8,
+                    linestyle="--" if out else "-",
+                    label=f"{c.sparsity_name}={c.sparsity:g}" + (" (headline)" if head else "")
+                    + (" (excluded)" if out else ""))
+        n = mine[0].expected
+        if expected and n:
+            ax.axhline(n, color="k", linewidth=0.8, linestyle="-.", label=f"known n = {n}")
+        ax.set_title(f"{label} [{mine[0].role}], {mine[0].arch}", fontsize=8)
         if ylim:
             ax.set_ylim(*ylim)
-    sizes = sorted({s.size for c in counts for s in c.sizes})
-    if sizes:
-        axes[2].plot(sizes, sizes, color="0.6", linestyle=":", linewidth=1, label="N = m")
-        axes[2].set_xscale("log", base=2)
-        axes[2].set_yscale("symlog", linthresh=1)
-    _legend(axes[2])
-    fig.suptitle("Agreement between dictionaries: across sizes, across seeds, and the count rule's N(m)")
+        else:
+            ax.set_ylim(bottom=0)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    _finish_size_panels(fig, _sizes(counts), blocks, ylabel, log_y=False)
+    fig.suptitle(title, fontsize=10)
     caption(fig, counts)
     return fig
 
 
-def ground_truth_vs_size(counts: list[SweepCount]) -> Figure:
-    """4. Toy data: MMCS of the ground-truth features with the decoder vs m (true n marked)."""
-    fig, (ax,) = _new()
-    colour = _colours(counts)
-    toys = [c for c in counts if any(not math.isnan(s.mmcs_gt) for s in c.sizes)]
-    for c in toys:
-        x, y = _values(c, "mmcs_gt")
-        ax.plot(x, y, color=colour[c.label], label=series_name(c, counts), **_style(c, counts))
-        if c.expected:
-            ax.axvline(c.expected, color=colour[c.label], linestyle=":", linewidth=1)
-    _size_axis(ax)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("MMCS with ground truth (mean best cosine of true features)")
-    ax.set_title("Recovery of the ground-truth features (dotted: true number of features)")
-    if toys:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no data with ground truth", transform=ax.transAxes, ha="center")
-    caption(fig, counts)
+def sensitivity(counts: list[SweepCount], hs: list[Headline] | None = None) -> Figure:
+    """N(m) per sparsity setting, one panel per dataset/site, the headline setting thick: how much the
+    count depends on the setting the rule chose."""
+    return _by_setting(counts, hs, "reproduced", "reproduced directions N(m) (latents)",
+                       "Sensitivity: N(m) at every sparsity setting (thick: the headline setting; dashed: "
+                       "excluded as collapsed)")
+
+
+def ground_truth_vs_size(counts: list[SweepCount], hs: list[Headline] | None = None) -> Figure:
+    """Toy data: MMCS of the ground-truth features with the decoder vs m, one line per setting."""
+    return _by_setting(counts, hs, "mmcs_gt", "MMCS with ground truth\n(mean best cosine of true features)",
+                       "Recovery of the ground-truth features (toys; thick: the headline setting)",
+                       keep=lambda c: any(not math.isnan(s.mmcs_gt) for s in c.sizes), ylim=(0, 1.03),
+                       expected=False)
+
+
+def summary(counts: list[SweepCount], hs: list[Headline] | None = None) -> Figure:
+    """The answer at a glance. Per dataset/site, at its headline setting: top, N(m) beside its controls
+    with the estimate (and the known n of a toy); bottom, the held-out FVU with its fitted a·m^-b + c
+    (solid) and the matched null's with its fit (dotted), exponent and floor in the panel's title."""
+    hs = _headlines(counts, hs, fits=True)
+    ps = panels(counts, hs)
+    if not ps:
+        return _empty(counts, "no dataset/site with a usable sparsity setting")
+    fig, blocks = _grid(len(ps), rows_per_panel=2, height=2.7)
+    for p, (top, bottom) in zip(ps, blocks):
+        for role, c in p.series():
+            x, y = _values(c, "reproduced")
+            top.plot(x, y, **{"linestyle": "-", **ROLE_STYLE[role], "markersize": 3}, label=f"{role}: {c.label}")
+        h = p.headline
+        if p.main.expected:
+            top.axhline(p.main.expected, color="k", linewidth=0.8, linestyle="-.", label=f"known n = {p.main.expected}")
+        if h.estimate is not None:
+            top.axhspan(h.estimate - h.uncertainty, h.estimate + h.uncertainty, color="C0", alpha=0.12, linewidth=0,
+                        label="estimate ± uncertainty")
+        top.set_ylim(bottom=0)
+        top.yaxis.set_major_locator(MaxNLocator(integer=True))
+        number = (f"{h.estimate:.0f}±{h.uncertainty:.0f} features" if h.estimate is not None
+                  else f"no estimate ({h.reason})")
+        top.set_title(f"{p.title}\n{number}", fontsize=8)
+        _fit_panel(bottom, p)
+    _finish_size_panels(fig, _sizes(c for p in ps for _, c in p.series()), blocks, "", rows=(0, 1), log_y=False)
+    for p, (top, bottom) in zip(ps, blocks):
+        _fix_log_ticks(bottom)
+        top.set_ylabel("reproduced directions N(m)", fontsize=7)
+        bottom.set_ylabel("test FVU (log)", fontsize=7)
+    entries = _role_entries(ps)
+    entries["fit a·m^-b + c (null's dotted)"] = dict(color="C0", linewidth=1.2, linestyle="-", alpha=0.6)
+    if any(p.main.expected for p in ps):
+        entries["known n (toys)"] = dict(color="k", linewidth=0.8, linestyle="-.")
+    entries["estimate ± uncertainty"] = dict(color="C0", alpha=0.25, linewidth=6)
+    _shared_legend(fig, entries)
+    fig.suptitle("How many features? N(m) beside its controls (top) and the held-out loss with its "
+                 "scaling fit (bottom)", fontsize=10)
+    caption(fig, counts, "fit intervals: 95% bootstrap over test rows")
     return fig
 
 
-def loss_vs_l0(counts: list[SweepCount], metric: str = "fvu") -> Figure:
-    """5. Test loss vs L0 across sparsity settings, one line per dictionary size; each data set in its
-    own panel beside its matched null (dotted)."""
-    panels = [c.label for c in counts if c.role not in ("null",)]
-    panels = list(dict.fromkeys(panels)) or list(dict.fromkeys(c.label for c in counts))
-    nulls = {c.label: c.comparisons["null"].against for c in counts if "null" in c.comparisons}
-    ncols = min(len(panels), 4)
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(max(4.2 * ncols, 7.0), 3.6 * nrows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
-    for ax, label in zip(axes, panels):
-        for who, dash in ((label, "-"), (nulls.get(label), ":")):
-            if who is None:
+def _fit_panel(ax, p: Panel) -> None:
+    """Test FVU points (markers only) and the fitted curve of the data and of its matched null."""
+    h = p.headline
+    lines = [("data", p.main, h.fit)]
+    if "matched null" in p.controls:
+        null_fit = h.fit_vs_null.null if h.fit_vs_null is not None else None
+        lines.append(("matched null", p.controls["matched null"], null_fit))
+    for role, c, fit in lines:
+        style = ROLE_STYLE[role]
+        x, y = _values(c, "test_fvu")
+        ax.plot(x, y, linestyle="none", marker=style["marker"], color=style["color"], markersize=3.5,
+                label=f"{role}: {c.label} test FVU")
+        if fit is not None and fit.ok:
+            grid = np.geomspace(min(x), max(x), 60)
+            ax.plot(grid, fit.predict(grid), color=style["color"], linewidth=1.2, alpha=0.7,
+                    linestyle=style.get("linestyle", "-"), label=f"{role}: fit")
+    ax.set_yscale("log")
+    ax.set_title(_fit_title(h), fontsize=7)
+
+
+def _fit_title(h: Headline) -> str:
+    f = h.fit
+    if f is None or not f.ok:
+        return f"fit: none ({'no setting chosen' if f is None else f.reason})"[:70]
+    flag = " (poor fit)" if f.warnings else ""
+    text = f"fit b={estimate_text(f.exponent, '.2f')}, c={estimate_text(f.floor, '.3f')}{flag}"
+    v = h.fit_vs_null
+    if v is not None and v.null.ok:
+        flag = " (poor fit)" if v.null.warnings else ""
+        text += f"\nnull b={estimate_text(v.null.exponent, '.2f')}, c={estimate_text(v.null.floor, '.3f')}{flag}"
+    return text
+
+
+def loss_vs_l0(counts: list[SweepCount], metric: str = "fvu", hs: list[Headline] | None = None) -> Figure:
+    """The held-out frontier the headline rule reads: test loss vs L0 across sparsity settings, one line
+    per dictionary size (colour: m), one panel per dataset/site; the matched null's largest size dotted;
+    a star on each setting's frontier point, filled for the headline setting."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+    hs = _headlines(counts, hs)
+    ps = panels(counts, hs)
+    if not ps:
+        return _empty(counts, "no dataset/site with a usable sparsity setting")
+    fig, blocks = _grid(len(ps))
+    all_sizes = sorted({s.size for c in counts for s in c.sizes})
+    norm = LogNorm(min(all_sizes), max(all_sizes) * 1.0001)
+    cmap = colormaps["viridis"]
+    key = f"test_{metric}"
+    for p, (ax,) in zip(ps, blocks):
+        mine = [c for c in counts if c.label == p.main.label]
+        sizes = sorted({s.size for c in mine for s in c.sizes})
+        shown = sizes[::-1][::math.ceil(len(sizes) / (MAX_LINES - 1))][::-1]  # the largest size always
+        for size in shown:
+            pts = sorted((s.l0, getattr(s, key)) for c in mine for s in c.sizes if s.size == size)
+            ax.plot(*zip(*pts), color=cmap(norm(size) * 0.9), marker="o", markersize=2.5, linewidth=1.2,
+                    label=f"m={size}")
+        null = p.controls.get("matched null")
+        if null is not None:
+            theirs = [c for c in counts if c.label == null.label]
+            top = max(s.size for c in theirs for s in c.sizes)
+            pts = sorted((s.l0, getattr(s, key)) for c in theirs for s in c.sizes if s.size == top)
+            ax.plot(*zip(*pts), color="0.45", linestyle=":", marker="s", markersize=2.5, linewidth=1.4,
+                    label=f"null m={top}")
+        for score in p.headline.scores:
+            if score.status == "excluded":
                 continue
-            mine = [c for c in counts if c.label == who]
-            sizes = sorted({s.size for c in mine for s in c.sizes})
-            for i, size in enumerate(sizes):
-                points = sorted((s.l0, getattr(s, f"test_{metric}")) for c in mine for s in c.sizes if s.size == size)
-                ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=dash, marker="o", markersize=3,
-                        color=_size_colour(i, len(sizes)),
-                        label=f"m={size}" + (" (null)" if who != label else ""))
+            c = next(c for c in mine if _sparsity_of(c) == score.sparsity)
+            s = next(s for s in c.sizes if s.size == score.size)
+            ax.plot([s.l0], [getattr(s, key)], linestyle="none", marker="*", markersize=9,
+                    markerfacecolor="gold" if score.status == "chosen" else "white", markeredgecolor="k",
+                    label=f"frontier point {score.sparsity['value']:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("L0 (active latents per row, test)")
-        ax.set_ylabel(f"test {LOSS_LABELS[metric]}")
-        ax.set_title(label + (f"\nvs null {nulls[label]} (dotted)" if label in nulls else ""), fontsize=8)
+        ax.set_title(p.title.rsplit(",", 1)[0] + f", headline {p.main.setting}", fontsize=8)
+    for k, (ax,) in enumerate(blocks):
+        _fix_log_ticks(ax, "x")
+        _fix_log_ticks(ax, "y")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=5)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle("Test loss vs L0 across sparsity settings (data solid, matched null dotted)", fontsize=10)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("L0 (active latents per row, test)", fontsize=8)
+        if k % MAX_COLUMNS == 0:
+            ax.set_ylabel(f"test {LOSS_LABELS[metric]}", fontsize=8)
+    from matplotlib.cm import ScalarMappable
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[b[0] for b in blocks], label="dictionary size m",
+                       shrink=0.8, pad=0.01)
+    _size_ticks_on(bar.ax.yaxis, all_sizes)
+    _shared_legend(fig, {"data: one line per size m, one point per setting": dict(color=cmap(0.5), marker="o"),
+                         "matched null, largest m": dict(color="0.45", linestyle=":", marker="s"),
+                         "frontier point of a setting (filled: headline)": dict(
+                             linestyle="none", marker="*", markersize=9, markerfacecolor="gold",
+                             markeredgecolor="k")})
+    fig.suptitle(f"Held-out frontier: test {metric.upper()} vs L0 across sparsity settings", fontsize=10)
     caption(fig, counts)
     return fig
 
@@ -245,17 +570,14 @@ def count_by_layer(counts: list[SweepCount]) -> Figure:
     return fig
 
 
-def _size_colour(i: int, n: int):
-    from matplotlib import colormaps
-    return colormaps["viridis"](i / max(n - 1, 1) * 0.9)
-
-
 FIGURES = {
+    "summary": summary,
     "loss_vs_size": loss_vs_size,
+    "sensitivity": sensitivity,
+    "loss_vs_l0": loss_vs_l0,
     "dead_vs_size": dead_vs_size,
     "agreement_vs_size": agreement_vs_size,
     "ground_truth_vs_size": ground_truth_vs_size,
-    "loss_vs_l0": loss_vs_l0,
 }
 
 
@@ -301,9 +623,12 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, *, force: bo
     return save_figures({name: fig}, out_dir, force=force)
 
 
-def plot_all(counts: list[SweepCount], out_dir: str | os.PathLike, *, force: bool = False) -> list[Path]:
-    """Every figure of FIGURES into `out_dir` as PNG and PDF (all or nothing); returns the written paths."""
+def plot_all(counts: list[SweepCount], out_dir: str | os.PathLike, *, force: bool = False,
+             headlines: list[Headline] | None = None) -> list[Path]:
+    """Every figure of FIGURES into `out_dir` as PNG and PDF (all or nothing); returns the written paths.
+    `headlines` (with their fits) from a count already made saves counting again for every figure."""
     if not counts:
         raise SparsefeatError("nothing to plot: no sweeps in the given results files")
     check_figures(out_dir, FIGURES, force=force)  # before drawing: a refusal costs nothing
-    return save_figures({name: make(counts) for name, make in FIGURES.items()}, out_dir, force=force)
+    hs = _headlines(counts, headlines, fits=True)
+    return save_figures({name: make(counts, hs=hs) for name, make in FIGURES.items()}, out_dir, force=force)

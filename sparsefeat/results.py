@@ -14,6 +14,10 @@ Layout (documented in full in docs/format.md, section "Results file (sweep.h5)")
         frequency/<split>              [m] float32, share of evaluated rows on which each latent fires
         signals                        attrs: mmcs_next, mmcs_next_hungarian, share_next_0_9,
                                               shared_seed, mmcs_gt, recovered_gt (NaN: not applicable)
+        training                       attrs (version 3): steps_trained, stop_reason, converged,
+                                              dead_never_alive, dead_died_later, resampled
+        last_fired                     [m] int64 (version 3): training step on which each latent last fired
+                                       (0: never)
     signals/<table>         compound datasets: the cross-member tables (one row per compared pair)
     ground_truth/features   [n, d] toy stores only: a copy of the store's ground-truth features
     summary                 compound dataset: one row per member and split
@@ -44,12 +48,15 @@ from .files import atomic_path, check_free_space
 from .store import check_format, open_h5, to_json
 
 FORMAT = "sparsefeat.results"
-FORMAT_VERSION = 2  # 2: signal_thresholds and test_rows/documents (version 1 files are still read)
+FORMAT_VERSION = 3  # 3: members/<id>/training; 2: signal_thresholds, test_rows/documents (1, 2 still read)
 V1_SIGNAL_THRESHOLDS = {"match": 0.9, "seed": 0.7}  # fixed in code when version 1 files were written
 SPLITS = ("train", "test")
 METRIC_KEYS = ("mse", "fvu", "l1", "loss", "l0", "dead_fraction", "shrinkage", "rows")
 SIGNAL_KEYS = ("mmcs_next", "mmcs_next_hungarian", "share_next_0_9", "shared_seed", "mmcs_gt", "recovered_gt")
 MEMBER_KEYS = ("id", "arch", "dictionary_size", "sparsity_name", "sparsity", "seed")
+# How a member trained (version 3). Missing in older files, and "converged" missing for fixed step counts
+# (not checked): read as None, "unknown".
+TRAINING_KEYS = ("steps_trained", "stop_reason", "converged", "dead_never_alive", "dead_died_later", "resampled")
 
 
 class ResultsError(SparsefeatError):
@@ -69,6 +76,20 @@ class Member:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> METRIC_KEYS
     signals: dict[str, float] = field(default_factory=dict)  # SIGNAL_KEYS, NaN where not applicable
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # "train"/"test" -> [n, 2] (step, loss)
+    # TRAINING_KEYS: steps_trained (int), stop_reason ("converged", "max_steps", "fixed"), converged (bool;
+    # None when not checked: a fixed step count, or a file older than version 3); of the latents dead on the
+    # test split, dead_never_alive never fired in training and dead_died_later did; resampled: latents
+    # re-initialised in training (relu-l1 resample_steps)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool | None:
+        """Whether training stopped because the held-out loss converged; None: unknown (fixed steps, old file)."""
+        return self.training.get("converged")
+
+    @property
+    def steps_trained(self) -> int | None:
+        return self.training.get("steps_trained")
 
 
 @dataclass
@@ -81,6 +102,7 @@ class MemberArrays:
     decoder_bias: np.ndarray  # [d] (zeros for an architecture without one)
     row_sse: dict[str, np.ndarray]  # split -> [rows]
     frequency: dict[str, np.ndarray]  # split -> [m]
+    last_fired: np.ndarray | None = None  # [m] training step on which each latent last fired (0: never)
 
 
 @dataclass
@@ -174,6 +196,10 @@ class Results:
         _check_split(self.path, split)
         return self._array(member_id, f"frequency/{split}")
 
+    def last_fired(self, member_id: str) -> np.ndarray:
+        """[m]: the training step on which each latent last fired (0: never); version 3 files."""
+        return self._array(member_id, "last_fired")
+
     def table(self) -> list[dict]:
         """One row per member and split: identity, the split's metrics and the member's signals."""
         return [summary_row(m, split) for m in self.members for split in SPLITS if split in m.metrics]
@@ -248,6 +274,7 @@ def _size_estimate(results: Results, arrays: dict[str, MemberArrays]) -> int:
     n = sum(np.asarray(getattr(a, k)).size for a in arrays.values()
             for k in ("encoder", "encoder_bias", "decoder", "decoder_bias"))
     n += sum(np.asarray(v).size for a in arrays.values() for part in (a.row_sse, a.frequency) for v in part.values())
+    n += sum(2 * np.asarray(a.last_fired).size for a in arrays.values() if a.last_fired is not None)  # int64
     return 4 * n + 4096 * (len(results.members) + 16)
 
 
@@ -281,7 +308,13 @@ def _write_member(g: h5py.Group, m: Member, a: MemberArrays) -> None:
         g.create_dataset(f"row_sse/{split}", data=np.asarray(v, dtype=np.float32))
     for split, v in a.frequency.items():
         g.create_dataset(f"frequency/{split}", data=np.asarray(v, dtype=np.float32))
+    if a.last_fired is not None:
+        g.create_dataset("last_fired", data=np.asarray(a.last_fired, dtype=np.int64))
     g.create_group("signals").attrs.update({k: float(m.signals.get(k, math.nan)) for k in SIGNAL_KEYS})
+    training = g.create_group("training")
+    for k, v in m.training.items():
+        if v is not None:  # absent = unknown
+            training.attrs[k] = v
 
 
 def _records(rows: list[dict]) -> np.ndarray:
@@ -377,7 +410,19 @@ def _read_member(g: h5py.Group) -> Member:
     curves = {split: ds[()] for split, ds in g["curves"].items()} if "curves" in g else {}
     return Member(id=a["id"], arch=a["arch"], dictionary_size=int(a["dictionary_size"]),
                   sparsity_name=a["sparsity_name"], sparsity=float(a["sparsity"]), seed=int(a["seed"]),
-                  metrics=metrics, signals=signals, curves=curves)
+                  metrics=metrics, signals=signals, curves=curves, training=_read_training(g))
+
+
+def _read_training(g: h5py.Group) -> dict:
+    """The member's training record; every key is present, None where the file does not say."""
+    attrs = {k: _plain(v) for k, v in g["training"].attrs.items()} if "training" in g else {}
+    out = {k: attrs.get(k) for k in TRAINING_KEYS}
+    if out["converged"] is not None:
+        out["converged"] = bool(out["converged"])
+    for k in ("steps_trained", "dead_never_alive", "dead_died_later", "resampled"):
+        if out[k] is not None:
+            out[k] = int(out[k])
+    return out
 
 
 def summary_table(r: Results) -> str:

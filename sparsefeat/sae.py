@@ -181,6 +181,10 @@ class SAE(torch.nn.Module):
         else:
             self.register_buffer("decoder_bias", torch.zeros(G, d))
         self.register_buffer("sparsity", torch.tensor(self.sparsities))
+        # training steps this stack took, and the step (1-based) on which each latent last fired (0: never),
+        # updated on the device inside the step: separates latents never alive from those that died later
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_fired", torch.zeros(G, size, dtype=torch.long))
 
     def uses_decoder_bias(self) -> bool:
         """Whether the decoder bias is learned (otherwise it is a zero buffer)."""
@@ -237,6 +241,9 @@ class SAE(torch.nn.Module):
         pre = self.pre_activations(x)
         codes = self.activation(pre)
         x_hat = self.decode(codes)
+        with torch.no_grad():
+            self.train_steps.add_(1)
+            self.last_fired.copy_(torch.where((codes > 0).any(dim=1), self.train_steps, self.last_fired))
         loss = self.losses(x, x_hat, codes)["loss"]
         aux = self.auxiliary_loss(x, x_hat, pre, codes)
         total = loss.sum() if aux is None else (loss + aux).sum()
@@ -255,6 +262,15 @@ class SAE(torch.nn.Module):
     def after_step(self) -> None:
         """Renormalise decoder rows to unit norm after the optimiser step."""
         self.decoder.div_(self.decoder.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def reinitialise(self, g: int, latents: torch.Tensor, directions: torch.Tensor, encoder_scale: float) -> None:
+        """Member g's `latents` start again (dead-latent resampling): decoder rows = the unit `directions`
+        [k, d], encoder rows = the same directions × `encoder_scale`, encoder bias 0."""
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.decoder[g, latents] = directions
+        self.encoder[g, latents] = directions * encoder_scale
+        self.encoder_bias[g, latents] = 0.0
 
     def on_log(self) -> None:
         """Called at logging intervals (where the host may synchronise); for slow-changing state."""

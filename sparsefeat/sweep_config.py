@@ -26,8 +26,20 @@ class SweepConfig:
     k: list[int] = field(default_factory=lambda: [16], metadata={"help": "topk: active latents per row"})
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={
         "help": "initialisation seeds (two or more give the cross-seed agreement every count needs)"})
-    steps: int | None = field(default=None, metadata={
-        "help": f"training steps (default {DEFAULT_STEPS} when --epochs is not given)"})
+    steps: int | str | None = field(default=None, metadata={
+        "help": f"training steps (default {DEFAULT_STEPS} when --epochs is not given), or 'auto': each size "
+                "trains until its held-out loss stops improving (see --converge-tolerance), within "
+                "--min-steps..--max-steps"})
+    max_steps: int = field(default=20000, metadata={"help": "steps=auto: the most steps any size trains"})
+    min_steps: int = field(default=1000, metadata={"help": "steps=auto: the fewest steps any size trains"})
+    converge_every: int = field(default=250, metadata={
+        "help": "steps=auto: steps between held-out checks (test-curve points on the first --test-curve-rows "
+                "test rows)"})
+    converge_window: int = field(default=1000, metadata={
+        "help": "steps=auto: a size has converged when its best held-out loss improved by less than "
+                "--converge-tolerance over the last this many steps (a multiple of --converge-every)"})
+    converge_tolerance: float = field(default=0.01, metadata={
+        "help": "steps=auto: relative improvement of the held-out loss over the window below which a size stops"})
     epochs: float | None = field(default=None, metadata={"help": "train for this many passes over the train split"})
     batch_size: int = field(default=256, metadata={"help": "rows per training step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
@@ -51,6 +63,11 @@ class SweepConfig:
     prefetch: int = field(default=2, metadata={
         "help": "CUDA: batches read ahead into pinned memory by a background thread (0: none); on CPU batches "
                 "are read inline (a reader thread only competes with the step for the interpreter lock)"})
+    resample_steps: list[int] = field(default_factory=list, metadata={
+        "help": "relu-l1: steps at which dead latents are re-initialised toward the worst-reconstructed "
+                "training rows, their Adam state reset (Anthropic 2023); empty (the default): never"})
+    resample_window: int = field(default=250, metadata={
+        "help": "a latent is dead at a resampling step when it has not fired in this many training steps"})
     label: str | None = field(default=None, metadata={
         "help": "name of this dataset in tables and plots (default: <store stem>:<site>)"})
     model: SAEOptions | dict | None = field(default=None, metadata={
@@ -60,9 +77,12 @@ class SweepConfig:
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {self.arch!r} (known: {', '.join(sorted(ARCHITECTURES))})")
         self.model = architecture(self.arch).build_options(self.model)
+        self.steps = _steps_value(self.steps)
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give --steps or --epochs, not both")
-        for name in ("steps", "epochs"):
+        if self.auto_steps:
+            self._check_auto()
+        for name in ("epochs",) if self.auto_steps else ("steps", "epochs"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
@@ -80,8 +100,33 @@ class SweepConfig:
             raise ConfigError("a sweep needs at least one size, one seed and one sparsity setting")
         if any(not (math.isfinite(s) and s >= 0) for s in self.sparsities):
             raise ConfigError(f"sparsity settings must be finite and >= 0, got {self.sparsities}")
+        if self.resample_steps and architecture(self.arch).sparsity_name != "l1":
+            raise ConfigError(f"--resample-steps is for relu-l1 (topk has AuxK), not {self.arch}")
+        if any(int(s) != s or s <= 0 for s in self.resample_steps) or self.resample_window <= 0:
+            raise ConfigError(f"resample steps and window must be positive whole numbers, got "
+                              f"{self.resample_steps} and {self.resample_window}")
         if self.arch == "topk" and any(int(k) != k or k < 1 for k in self.k):
             raise ConfigError(f"k must be positive whole numbers, got {self.k}")
+
+    @property
+    def auto_steps(self) -> bool:
+        """Whether each size trains until its held-out loss converges (steps="auto")."""
+        return self.steps == "auto"
+
+    def _check_auto(self) -> None:
+        for name in ("max_steps", "min_steps", "converge_every", "converge_window"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)}")
+        if self.min_steps > self.max_steps:
+            raise ConfigError(f"min-steps ({self.min_steps}) is above max-steps ({self.max_steps})")
+        if self.converge_window % self.converge_every:
+            raise ConfigError(f"converge-window ({self.converge_window}) must be a multiple of converge-every "
+                              f"({self.converge_every})")
+        if not (math.isfinite(self.converge_tolerance) and self.converge_tolerance >= 0):
+            raise ConfigError(f"converge-tolerance must be finite and >= 0, got {self.converge_tolerance}")
+        if self.lr_schedule != "constant":  # a decay needs to know the last step in advance
+            raise ConfigError(f"--steps auto needs --lr-schedule constant (a {self.lr_schedule} decay ends at a "
+                              "fixed last step); give a step count for a decaying schedule")
 
     @property
     def sparsities(self) -> list[float]:
@@ -102,6 +147,22 @@ class SweepConfig:
                                   f"{s.size} latents (every latent would fire: no sparsity); use a smaller --k "
                                   "or larger --sizes")
         return specs
+
+
+def _steps_value(steps):
+    """None, a whole number of steps, or "auto" (the command line passes text: "3000", "auto")."""
+    if steps is None or isinstance(steps, int) and not isinstance(steps, bool):
+        return steps
+    text = str(steps).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value == int(value)):
+        raise ConfigError(f"steps must be a whole number or 'auto', got {steps!r}")
+    return int(value)
 
 
 def _size_value(text) -> tuple[float, bool]:

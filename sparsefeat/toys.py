@@ -52,6 +52,9 @@ class Toy:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.name:
+            if cls.name in TOYS:  # a silent overwrite would swap the generator every study uses
+                raise ConfigError(f"toy {cls.name!r} is already registered ({TOYS[cls.name].__qualname__}); "
+                                  "choose another name")
             TOYS[cls.name] = cls
 
     def __init__(self, params, seed: int):

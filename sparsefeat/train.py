@@ -27,6 +27,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -43,8 +44,10 @@ from .signals import SignalThresholds, cross_member_signals
 from .store import ActivationStore, to_json
 from .sweep_config import DEFAULT_STEPS, MemberSpec, SweepConfig, parse_size  # noqa: F401 (re-exported)
 
-CHECKPOINT_VERSION = 2  # 2: curves are float64 tensors (1 held NumPy scalars that weights_only refuses)
+CHECKPOINT_VERSION = 3  # 3: stop state (steps=auto) and firing counters; 2: curves are float64 tensors
+STOP_FIXED, STOP_CONVERGED, STOP_MAX = "fixed", "converged", "max_steps"  # why a size stopped training
 RESUMABLE_CHANGES = ("device", "compile", "prefetch")  # settings a resumed run may change
+RESAMPLE_ROWS = 8192  # training rows whose reconstruction errors choose where dead latents restart
 
 
 class TrainingError(SparsefeatError):
@@ -121,9 +124,10 @@ class Sweep:
     """One run of a sweep over one store, ready to train once constructed; `run()` does the rest."""
 
     def __init__(self, store: ActivationStore, config: SweepConfig, out: str | os.PathLike, *,
-                 resume: bool = False, force: bool = False, progress: bool = True):
+                 resume: bool = False, force: bool = False, progress: bool = True,
+                 members: Collection[str] | None = None, checkpoint: str | os.PathLike | None = None):
         self.store, self.config, self.out, self.progress = store, config, Path(out), progress
-        self.ckpt = checkpoint_path(self.out)
+        self.ckpt = checkpoint_path(self.out) if checkpoint is None else Path(checkpoint)
         self._check_store()
         self.site = store.default_site() if config.site is None else config.site
         self.d = store.width(self.site)  # raises a one-line StoreError for an unknown site
@@ -133,15 +137,19 @@ class Sweep:
             self.specs = config.members(self.d)
         except ValueError as e:
             raise TrainingError(f"{store.path}: {e}") from None
+        # `members` (distributed.py): this process trains only these members (a rank's share); `specs`
+        # stays the whole sweep, which names the run and the results file.
+        self.trained = self.specs if members is None else [s for s in self.specs if s.id in set(members)]
         self.batches_per_epoch = self.n_train // config.batch_size
-        self.total_steps = (config.steps if config.steps is not None else
+        self.auto = config.auto_steps
+        self.total_steps = (config.max_steps if self.auto else config.steps if config.steps is not None else
                             max(1, math.ceil(config.epochs * self.batches_per_epoch)) if config.epochs is not None
                             else DEFAULT_STEPS)
         self.device = resolve_device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise TrainingError(f"{self.out}: --bf16 needs a CUDA device (this run uses {self.device})")
         self.label = config.label or f"{Path(store.path).stem}:{self.site}"
-        self.memory: MemoryEstimate = memory_estimate(self.specs, self.d, config.batch_size, self.n_test,
+        self.memory: MemoryEstimate = memory_estimate(self.trained, self.d, config.batch_size, self.n_test,
                                                       config.sample_rows)
         check_memory(self.memory, self.device, self.out)  # before anything large is allocated
         self.store_hash = store_fingerprint(store, self.site)
@@ -150,6 +158,8 @@ class Sweep:
         self.step = 0
         self.checkpoint_step: int | None = None  # step of the checkpoint on disk that this run wrote or resumed
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
+        self.stopped: dict[int, tuple[int, str]] = {}  # size -> (step it stopped at, why)
+        self.resampled: list[list[int]] = []  # [step, stack, member, latents re-initialised] per resampling
         if state is None:
             self.scale, self.bias = self._sample_statistics()
         else:
@@ -158,8 +168,9 @@ class Sweep:
         self.optimizer = _adam([p for st in self.stacks for p in st.parameters()], config.lr)
         if state is not None:
             self._restore(state)
-        self.curve_steps = sorted({round(self.total_steps * (i + 1) / config.test_curve_points)
-                                   for i in range(config.test_curve_points)})
+        self.resample_steps = set(config.resample_steps)
+        self.curve_steps = set() if self.auto else {round(self.total_steps * (i + 1) / config.test_curve_points)
+                                                     for i in range(config.test_curve_points)}
         self.curve_batches = list(take_rows(  # the first test rows, in store order, for every curve point
             store.batches(self.site, "test", config.batch_size, shuffle=False, epochs=1, device=self.device),
             config.test_curve_rows))
@@ -169,7 +180,9 @@ class Sweep:
 
     def startup_line(self) -> str:
         sizes = ", ".join(str(m) for m in sorted({s.size for s in self.specs}))
-        return (f"sweep {self.label}: {len(self.specs)} members (sizes {sizes}), {self.total_steps} steps on "
+        steps = (f"steps until converged ({self.config.min_steps}..{self.total_steps})" if self.auto
+                 else f"{self.total_steps} steps")
+        return (f"sweep {self.label}: {len(self.specs)} members (sizes {sizes}), {steps} on "
                 f"{self.device}; memory {self.memory.describe()}")
 
     # -- the run, top to bottom ---------------------------------------------------------------------
@@ -184,27 +197,109 @@ class Sweep:
         self.ckpt.unlink(missing_ok=True)  # the results hold everything the checkpoint did
         return path
 
+    @property
+    def finished(self) -> bool:
+        """Every size has stopped (steps=auto: converged or at max_steps; fixed: at the last step)."""
+        return self.step >= self.total_steps or len(self.stopped) == len({s.size for s in self.specs})
+
+    def active(self, i: int) -> bool:
+        """Whether stack i still trains (its size has not stopped)."""
+        return self.stack_specs[i][0].size not in self.stopped
+
     def train(self, until: int | None = None) -> None:
-        """Train up to step `until` (default: the end), logging at every `log_every` steps and at `until`."""
+        """Train up to step `until` (default: the end), logging at every `log_every` steps and at `until`.
+        With steps=auto a size stops at a held-out check once converged; training ends when all have."""
         cfg = self.config
         until = self.total_steps if until is None else min(until, self.total_steps)
         pending = []  # per step since the last log: each stack's per-member losses, still on the device
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc=f"sweep {self.label}",
                    unit="step", dynamic_ncols=True)
         try:
-            while self.step < until:
+            while self.step < until and not self.finished:
                 pending.append(self.step_on(next(self.stream)))
-                checkpoint_now = cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0
-                                                           or self.step == self.total_steps)
-                if self.step % cfg.log_every == 0 or self.step == until or checkpoint_now:
+                if self.step in self.resample_steps:
+                    self.resample_dead_latents()
+                if self.step in self.curve_steps or (self.auto and self.step % cfg.converge_every == 0):
+                    self._test_curve_point()
+                    if self.auto:
+                        self._stop_converged_sizes()
+                if self.step == self.total_steps:
+                    self._stop_remaining(STOP_MAX if self.auto else STOP_FIXED)
+                checkpoint_now = cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.finished)
+                if self.step % cfg.log_every == 0 or self.step == until or checkpoint_now or self.finished:
                     self._log(pending, bar)
                     pending = []
-                if self.step in self.curve_steps:
-                    self._test_curve_point()
                 if checkpoint_now:  # the last one spares the training when the final write is killed
                     self.save_checkpoint()
         finally:
             bar.close()
+
+    def _stop_converged_sizes(self) -> None:
+        """At a held-out check (steps=auto): stop every size all of whose members have converged.
+
+        Members of one size stop together, so every member of a size trains the same steps and seeds
+        stay comparable; a member that converged first trains on with the others (the cost is measured
+        in the report of issue 10: a few percent of member-steps on the toys)."""
+        cfg = self.config
+        resampled = [s for s in self.resample_steps if s <= self.step]
+        if self.step < cfg.min_steps or (resampled and self.step < max(resampled) + cfg.converge_window):
+            return  # a resampling step disturbs the loss: judge only a whole window after the last one
+        for size in sorted({s.size for s in self.specs} - set(self.stopped)):
+            members = [s for s in self.specs if s.size == size]
+            if all(held_out_converged(self.curves[s.id]["test"], self.step, cfg.converge_window,
+                                      cfg.converge_tolerance) for s in members):
+                self.stopped[size] = (self.step, STOP_CONVERGED)
+
+    @torch.no_grad()
+    def resample_dead_latents(self) -> None:
+        """Re-initialise the latents of every training member that did not fire in the last
+        `resample_window` steps (Anthropic 2023, "Towards monosemanticity", update of early 2023): each
+        restarts at a training row drawn with probability ∝ its squared error² under the member (rows the
+        dictionary reconstructs worst), minus the decoder bias, as a unit decoder row; encoder row = that
+        direction × 0.2 × the mean norm of the member's alive encoder rows; encoder bias 0; the latent's
+        Adam moments are zeroed. The rows and draws depend only on the step and the member's seed."""
+        cfg = self.config
+        n = min(RESAMPLE_ROWS, self.n_train)
+        stream = self.store.batches(self.site, "train", batch_size=n, seed=cfg.data_seed + 15485863 + self.step,
+                                    epochs=1)
+        x = next(iter(stream)).to(self.device) * self.scale
+        for i, (st, specs) in enumerate(zip(self.stacks, self.stack_specs)):
+            if not self.active(i):
+                continue
+            dead = st.last_fired <= self.step - cfg.resample_window  # [G, m]
+            if not dead.any():
+                continue
+            x_hat, _ = st(x)
+            weight = (x_hat.float() - x).pow(2).sum(-1).pow(2).double().cpu()  # [G, n]: squared error, squared
+            for g, spec in enumerate(specs):
+                latents = torch.nonzero(dead[g]).flatten()
+                if len(latents) == 0:
+                    continue
+                gen = torch.Generator().manual_seed(int(spec.seed) * 1_000_003 + self.step)
+                rows = torch.multinomial(weight[g] + 1e-30, len(latents), replacement=len(latents) > n, generator=gen)
+                alive = ~dead[g]
+                norm = float(st.encoder[g][alive].norm(dim=1).mean()) if alive.any() else 1.0
+                st.reinitialise(g, latents, x[rows.to(self.device)] - st.decoder_bias[g], 0.2 * norm)
+                for p in (st.encoder, st.encoder_bias, st.decoder):
+                    for moment in ("exp_avg", "exp_avg_sq"):
+                        if moment in self.optimizer.state.get(p, {}):
+                            self.optimizer.state[p][moment][g, latents] = 0.0
+                self.resampled.append([int(self.step), i, g, len(latents)])
+
+    def _stop_remaining(self, reason: str) -> None:
+        for size in {s.size for s in self.specs} - set(self.stopped):
+            self.stopped[size] = (self.step, reason)
+
+    def stop_record(self, spec: MemberSpec) -> dict:
+        """How member `spec` stopped: steps trained, whether it converged (None: fixed steps, not checked)."""
+        step, reason = self.stopped.get(spec.size, (self.step, STOP_FIXED))
+        return dict(steps_trained=int(step), stop_reason=reason,
+                    converged=None if reason == STOP_FIXED else reason == STOP_CONVERGED)
+
+    def last_fired(self) -> dict[str, np.ndarray]:
+        """Per member id: [m] the training step on which each latent last fired (0: never)."""
+        return {spec.id: st.last_fired[g].cpu().numpy().astype(np.int64)
+                for st, specs in zip(self.stacks, self.stack_specs) for g, spec in enumerate(specs)}
 
     def step_on(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """One optimiser step of every member on a batch of raw rows [B, d] (scaled here); returns each
@@ -222,7 +317,10 @@ class Sweep:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         losses = []
-        for st, fn in zip(self.stacks, self._step_fns):
+        for i, (st, fn) in enumerate(zip(self.stacks, self._step_fns)):
+            if self.stopped and not self.active(i):  # a stopped size: no gradient, so Adam leaves it as it is
+                losses.append(None)
+                continue
             with self._autocast():
                 loss, per_member = fn(x)
             loss.backward()
@@ -230,14 +328,15 @@ class Sweep:
             losses.append(per_member)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for st in self.stacks:
-            st.after_step()
+        for i, st in enumerate(self.stacks):
+            if losses[i] is not None:
+                st.after_step()
         self.step += 1
         return losses
 
     def evaluate(self) -> dict[str, dict[str, dict]]:
         """Per member id and split: metrics, row_sse and firing frequency."""
-        evals: dict[str, dict] = {s.id: {} for s in self.specs}
+        evals: dict[str, dict] = {s.id: {} for s in self.trained}
         for split in ("train", "test"):
             for specs, e in zip(self.stack_specs, self._evaluate(self._eval_stream(split))):
                 for g, spec in enumerate(specs):
@@ -246,26 +345,38 @@ class Sweep:
                                                  frequency=e.frequency[g])
         return evals
 
-    def write_results(self, evals: dict[str, dict[str, dict]]) -> Path:
-        """The results file: every member's record and arrays, the cross-member signals, the run."""
-        weights = {spec.id: st.member_weights(g) for st, specs in zip(self.stacks, self.stack_specs)
-                   for g, spec in enumerate(specs)}
+    def member_weights(self) -> dict[str, dict[str, np.ndarray]]:
+        """The trained members' final weights, by member id."""
+        return {spec.id: st.member_weights(g) for st, specs in zip(self.stacks, self.stack_specs)
+                for g, spec in enumerate(specs)}
+
+    def write_results(self, evals: dict[str, dict[str, dict]],
+                      weights: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+        """The results file: every member's record and arrays, the cross-member signals, the run.
+        `weights` (a distributed sweep: every rank's members) replaces this process's own."""
+        weights = self.member_weights() if weights is None else weights
         gt = self.store.ground_truth.get("features")
         alive = {sid: e["test"]["frequency"] > 0 for sid, e in evals.items()}
         thresholds = signal_thresholds()
         signals, per_member = cross_member_signals(self.specs, weights, gt, alive, thresholds)
         members, arrays = [], {}
+        last_fired = self.last_fired()
         for spec in self.specs:
             e = evals[spec.id]
+            dead = e["test"]["frequency"] <= 0
+            training = dict(self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
+                            dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
+                            resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
             curves = {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in self.curves[spec.id].items()}
             members.append(Member(id=spec.id, arch=spec.arch, dictionary_size=spec.size,
                                   sparsity_name=spec.sparsity_name, sparsity=spec.sparsity, seed=spec.seed,
                                   metrics={k: v["metrics"] for k, v in e.items()},
-                                  signals=per_member[spec.id], curves=curves))
+                                  signals=per_member[spec.id], curves=curves, training=training))
             arrays[spec.id] = MemberArrays(row_sse={k: v["row_sse"] for k, v in e.items()},
-                                           frequency={k: v["frequency"] for k, v in e.items()}, **weights[spec.id])
+                                           frequency={k: v["frequency"] for k, v in e.items()},
+                                           last_fired=last_fired[spec.id], **weights[spec.id])
         config = asdict(self.config)
-        config["run"] = dict(sizes=sorted({s.size for s in self.specs}), total_steps=self.total_steps,
+        config["run"] = dict(sizes=sorted({s.size for s in self.specs}), total_steps=self.step,
                              batches_per_epoch=self.batches_per_epoch, train_rows=self.n_train,
                              test_rows=self.n_test, device=str(self.device), d=self.d)
         results = Results(path=self.out, label=self.label, site=self.site, d=self.d,
@@ -313,8 +424,8 @@ class Sweep:
         the members of each stack in its order."""
         cls = architecture(self.config.arch)
         stacks, specs = [], []
-        for size in sorted({s.size for s in self.specs}):
-            group = [s for s in self.specs if s.size == size]
+        for size in sorted({s.size for s in self.trained}):
+            group = [s for s in self.trained if s.size == size]
             per_stack = max(1, STACK_ELEMENTS // (self.config.batch_size * size))
             for i in range(0, len(group), per_stack):
                 part = group[i:i + per_stack]
@@ -365,6 +476,8 @@ class Sweep:
                   for sid, c in self.curves.items()}
         state = dict(version=CHECKPOINT_VERSION, config=self._checkpoint_config(), store_hash=self.store_hash,
                      step=self.step, scale=float(self.scale), bias=self.bias.cpu(), curves=curves,
+                     stopped=[[int(size), int(step), reason] for size, (step, reason) in sorted(self.stopped.items())],
+                     resampled=self.resampled,
                      stacks=[{k: _to_cpu(v) for k, v in st.state_dict().items()} for st in self.stacks],
                      optimizer=self.optimizer.state_dict())
         need = self.memory.checkpoint + (1 << 16)
@@ -410,6 +523,8 @@ class Sweep:
         self.step = self.checkpoint_step = int(state["step"])
         self.curves = {sid: {k: [[float(a), float(b)] for a, b in v.tolist()] for k, v in c.items()}
                        for sid, c in state["curves"].items()}
+        self.stopped = {int(size): (int(step), str(reason)) for size, step, reason in state["stopped"]}
+        self.resampled = [[int(v) for v in row] for row in state["resampled"]]
 
     # -- inside the loop ---------------------------------------------------------------------------
 
@@ -424,17 +539,23 @@ class Sweep:
         first_step = self.step - len(pending)  # 0-based index of pending[0]
         means = []
         for i, specs in enumerate(self.stack_specs):
-            losses = torch.stack([p[i] for p in pending]).cpu()  # [steps, G]
+            steps = [(row, p[i]) for row, p in enumerate(pending) if p[i] is not None]  # a stopped size has none
+            if not steps:
+                means.append(None)
+                continue
+            losses = torch.stack([loss for _, loss in steps]).cpu()  # [steps, G]
             bad = ~torch.isfinite(losses)
             if bad.any():
                 row, g = (int(v) for v in torch.nonzero(bad)[0])
-                self._diverged(specs[g], first_step + row)
+                self._diverged(specs[g], first_step + steps[row][0])
             means.append(losses.double().mean(0).tolist())
         for st, specs, mean in zip(self.stacks, self.stack_specs, means):
+            if mean is None:
+                continue
             for spec, v in zip(specs, mean):
                 self.curves[spec.id]["train"].append([float(self.step), v])
             st.on_log()
-        flat = [v for mean in means for v in mean]
+        flat = [v for mean in means if mean is not None for v in mean] or [math.nan]
         bar.update(self.step - bar.n)
         bar.set_postfix(loss=f"{np.mean(flat):.4g}", worst=f"{max(flat):.4g}", refresh=False)
 
@@ -445,8 +566,12 @@ class Sweep:
                             f"and {kept}; try a lower --lr or check the data")
 
     def _test_curve_point(self) -> None:
-        for specs, e in zip(self.stack_specs, self._evaluate(self.curve_batches, keep_rows=False)):
-            for g, spec in enumerate(specs):
+        """The objective on the curve rows, for every stack still training (one pass over the rows)."""
+        live = [i for i in range(len(self.stacks)) if self.active(i)]
+        evals = evaluate_stacks([self.stacks[i] for i in live], self.curve_batches, self.scale, self._autocast,
+                                keep_rows=False)
+        for i, e in zip(live, evals):
+            for g, spec in enumerate(self.stack_specs[i]):
                 self.curves[spec.id]["test"].append([float(self.step), float(e.metrics["loss"][g])])
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -466,6 +591,18 @@ class Sweep:
         rows = self.n_test if split == "test" else min(self.n_test, self.n_train)
         return tqdm(stream, total=math.ceil(rows / cfg.batch_size), desc=f"evaluate {split}", unit="batch",
                     disable=not self.progress, leave=False)
+
+
+def held_out_converged(curve: list[list[float]], step: int, window: int, tolerance: float) -> bool:
+    """Whether a held-out curve [(step, loss), ...] has converged at `step`: its best loss in the last
+    `window` steps improved on the best before them by less than `tolerance` (relative). Taking the best
+    of each span, not single points, keeps one noisy evaluation from stopping or prolonging training."""
+    before = [loss for s, loss in curve if s <= step - window]
+    recent = [loss for s, loss in curve if step - window < s <= step]
+    if not before or not recent:
+        return False
+    best_before = min(before)
+    return (best_before - min(recent)) <= tolerance * abs(best_before)
 
 
 def signal_thresholds() -> SignalThresholds:

@@ -212,7 +212,7 @@ CASES = [
     (["run", "--out", "store.h5", "--quick", "--no-progress"], "is a file, not a folder"),
     (["run", "--out", "ro", "--quick", "--no-progress"], "read-only"),
     (["run", "--out", "ro/study", "--quick", "--no-progress"], "read-only"),
-    (["run", "--config", "typed.toml", "--out", "study", "--no-progress"], "steps = 'many' should be an integer"),
+    (["run", "--config", "typed.toml", "--out", "study", "--no-progress"], "steps must be a whole number or 'auto', got 'many'"),
     (["run", "--config", "binary.toml", "--out", "study", "--no-progress"], "not a TOML file"),
     (["run", "--config", "missing.toml", "--out", "study", "--no-progress"], "no such file"),
     (["run", "--config", "folder", "--out", "study", "--no-progress"], "is a folder"),

@@ -355,7 +355,11 @@ def test_count_command_leads_with_headlines_then_one_line_per_setting_and_json(s
     assert cli.main(["count", *map(str, study_files), "--bootstrap", "20"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("headline")
-    heads = out[1:1 + len(study_files)]  # one headline per dataset/site, before the table
+    lead = out[1:1 + 2 * len(study_files)]  # per dataset/site its headline and its fit line, before the table
+    heads, fits = lead[::2], lead[1::2]
+    assert all(line.strip().startswith("fit of test FVU") for line in fits)
+    toy_fit = fits[[h.strip().split(" ")[0] for h in heads].index("sparse")]
+    assert "b " in toy_fit and "floor c " in toy_fit and "null sparse-null" in toy_fit and "data−null b" in toy_fit
     assert any(line.strip().startswith("sparse [toy]: 12±1 features") and "relu-l1 l1=0.1" in line
                and "only setting" in line and "vs null +12±1" in line for line in heads)
     assert any(line.strip().startswith("m/resid_3 [model]: 20±1") and "vs layer 0 +14±1" in line
@@ -375,6 +379,42 @@ def test_count_command_leads_with_headlines_then_one_line_per_setting_and_json(s
     assert toy["comparisons"]["control gmm"]["excess"] == 12 - 5
     assert null["estimate"] == 0 and null["excluded"] == [] and rows[1]["chosen"]
     assert layer["comparisons"]["random init"]["excess"] == 20 - 9
+
+
+FIT_KEYS = {"exponent", "floor", "amplitude", "size_within_5pct_of_floor", "warnings", "null"}
+ESTIMATE_KEYS = {"value", "low", "high"}
+
+
+def test_count_json_carries_a_fit_of_the_held_out_curve_beside_the_null(study_files, capsys):
+    import json
+    from sparsefeat import cli
+    from sparsefeat.fit import fit_loss_curve
+    assert cli.main(["count", *map(str, study_files), "--bootstrap", "30", "--json"]) == 0
+    rows = {r["label"]: r for r in json.loads(capsys.readouterr().out)}
+    for r in rows.values():
+        fit = r["headline"]["fit"]
+        assert FIT_KEYS <= set(fit) and fit["ok"], fit
+        for key in ("exponent", "floor", "amplitude", "size_within_5pct_of_floor"):
+            assert set(fit[key]) == ESTIMATE_KEYS
+        assert fit["interval_method"] == "rows" and fit["n_boot"] == 30
+        assert fit["sizes"] == [s["size"] for s in r["sizes"]]
+        assert fit["values"] == pytest.approx([s["test_fvu"] for s in r["sizes"]])
+    toy, null = rows["sparse"]["headline"]["fit"], rows["sparse-null"]["headline"]["fit"]
+    # the fit is fit.py's on the seed-mean test FVU by size
+    direct = fit_loss_curve(toy["sizes"], toy["values"], n_boot=10)
+    assert toy["exponent"]["value"] == pytest.approx(direct.exponent.value, rel=1e-6)
+    assert toy["floor"]["value"] == pytest.approx(direct.floor.value, rel=1e-6, abs=1e-9)
+    assert toy["exponent"]["low"] <= toy["exponent"]["value"] <= toy["exponent"]["high"]
+    # the null's own fit is carried beside the toy's, with the differences data − null
+    beside = toy["null"]
+    assert beside["label"] == "sparse-null" and beside["fit"]["exponent"] == null["exponent"]
+    diff = beside["exponent_difference"]
+    assert diff["value"] == pytest.approx(toy["exponent"]["value"] - null["exponent"]["value"])
+    assert diff["low"] <= diff["value"] <= diff["high"]
+    assert beside["floor_difference"]["value"] == pytest.approx(toy["floor"]["value"] - null["floor"]["value"])
+    assert null["null"] is None and rows["gmm"]["headline"]["fit"]["null"] is None  # no null of their own
+    # the synthetic toy stops improving at its 12 features (floor 0.121); its null keeps falling toward 0
+    assert toy["floor"]["value"] > 0.05 and null["floor"]["value"] < toy["floor"]["value"]
 
 
 @pytest.mark.parametrize("make", ["text", "store", "missing"])
@@ -429,10 +469,13 @@ def test_collapsed_and_undertrained_settings_are_excluded_with_their_reason():
     assert C.collapse_reason(rising, cfg).startswith("loss rises with size: undertrained: m=64")
     (h,) = C.headlines([sweep_of(3.0, [1.0, 1.0, 1.0]), rising])
     assert h.estimate is None and h.sparsity is None and h.reason == "every setting collapsed"
+    assert h.fit is None and C.fit_json(h)["ok"] is False and "every setting collapsed" in C.fit_json(h)["reason"]
     assert [e["sparsity"]["value"] for e in h.excluded] == [3.0, 1.0]
     (h,) = C.headlines([sweep_of(0.3, [0.5, 0.2, 0.1]), sweep_of(3.0, [1.0, 1.0, 1.0])])
     assert h.sparsity["value"] == 0.3 and h.estimate == 10 and h.rule["name"] == "held-out knee"
     assert [s.status for s in h.scores] == ["chosen", "excluded"]
+    # no per-row errors in these hand-made sweeps and three sizes: a fit, but no intervals, and it says so
+    assert h.fit.ok and h.fit.interval_method is None and "no intervals" in h.fit.reason
 
 
 THREE_SETTINGS = dict(l1=[0.03, 0.3, 1.0])  # too weak, good, too strong (x3-x10 apart; checked by MMCS below)
@@ -512,3 +555,22 @@ def test_an_atom_and_its_opposite_are_one_direction_only_when_asked():
     assert C.reproduced_directions(dec_a, dec_b, 0.9, opposite=True) == 3
     assert len(C.reproduced_pairs(axes, -axes, 0.9)) == 0
     assert len(C.reproduced_pairs(axes, -axes, 0.9, opposite=True)) == 3
+
+
+@pytest.mark.slow
+def test_fit_of_a_sparse_toy_differs_from_its_matched_null_at_the_same_setting(headline_study):
+    """The 64-feature toy's held-out curve falls steeper and to a lower floor than that of its matched
+    Gaussian trained with the same penalty; both fall as power laws, so the difference is the point."""
+    heads, study = headline_study
+    h = heads["sparse64"]
+    assert h.fit.ok and h.fit.interval_method == "rows" and h.fit.n_boot >= 90
+    assert h.null_label == "null" and h.null_setting == h.setting == "relu-l1 l1=0.3"
+    null_sweep = next(c for c in study.sweeps if c.label == "null" and c.setting == h.setting)
+    assert h.fit_vs_null.null.values == pytest.approx([s.test_fvu for s in null_sweep.sizes])
+    assert h.fit_vs_null.null.ok and h.fit_vs_null.null.exponent.value > 0.1  # the Gaussian's curve falls too
+    diff_b, diff_c = h.fit_vs_null.exponent_difference, h.fit_vs_null.floor_difference
+    assert diff_c.high < 0, h.fit_text()  # a lower floor than the null's, beyond the bootstrap noise
+    assert diff_b.low > 0, h.fit_text()   # and a steeper fall
+    # the toy's own floor is the held-out FVU where it stops improving, within the bootstrap's reach
+    chosen = next(c for c in study.sweeps if c.label == "sparse64" and c.setting == h.setting)
+    assert h.fit.floor.value <= min(s.test_fvu for s in chosen.sizes) * 1.05

@@ -31,44 +31,136 @@ def lines_by_label(ax):
     return {line.get_label(): line for line in ax.get_lines()}
 
 
-def test_loss_figure_plots_train_dashed_and_test_solid_for_every_sweep(counts, study_files):  # noqa: F811
+def axes_of(fig):
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+
+
+def panel(fig, label):
+    """The axes whose title starts with the dataset/site `label`."""
+    (ax,) = [ax for ax in axes_of(fig) if ax.get_title().startswith(f"{label} [")]
+    return ax
+
+
+def assert_readable(fig):
+    """No two tick labels of one axis overlap once drawn, no minor tick labels, legends outside the data,
+    at most MAX_LINES lines in any panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in axes_of(fig):
+        assert len(ax.get_lines()) <= plots.MAX_LINES + 2, ax.get_title()  # + the known-n and fit lines
+        for axis in (ax.xaxis, ax.yaxis):
+            assert not [t.get_text() for t in axis.get_minorticklabels() if t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in axis.get_majorticklabels()
+                     if t.get_visible() and t.get_text()]
+            for i, one in enumerate(boxes):
+                for other in boxes[i + 1:]:
+                    assert not one.overlaps(other), (ax.get_title(), [t.get_text() for t in axis.get_majorticklabels()])
+        legend = ax.get_legend()
+        if legend is not None:
+            assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+
+
+@pytest.fixture
+def study(study_files):  # noqa: F811
+    return C.count_study(study_files, C.CountConfig(bootstrap=30))
+
+
+def test_loss_figure_has_one_panel_per_dataset_with_its_own_controls(counts, study_files):  # noqa: F811
     fig = plots.loss_vs_size(counts)
-    ax = fig.axes[0]
-    lines = lines_by_label(ax)
-    assert len(lines) == 2 * len(counts)
-    assert len(ax.get_legend_handles_labels()[1]) == len(counts)  # one entry per series (train lines hidden)
-    for c, path in zip(counts, study_files):
-        for split, dash in (("train", "--"), ("test", "-")):
-            line = lines[f"{'_' if split == 'train' else ''}{c.label} [{c.role}] {split}"]
-            want = seed_mean(path, split, "fvu")
-            assert line.get_linestyle() == dash
+    titles = [ax.get_title().split(" [")[0] for ax in axes_of(fig)]
+    assert titles == ["sparse", "gmm", "m/resid_0", "m/resid_3"]  # the null and the random-init twin sit inside
+    by_path = {c.label: path for c, path in zip(counts, study_files)}
+    layer = lines_by_label(panel(fig, "m/resid_3"))
+    assert set(layer) == {f"{role}: {label} {split}" for role, label in
+                          (("data", "m/resid_3"), ("layer 0", "m/resid_0"), ("random init", "r/resid_3"))
+                          for split in ("train", "test")}
+    toy = lines_by_label(panel(fig, "sparse"))
+    assert set(toy) == {"data: sparse test", "data: sparse train", "matched null: sparse-null test"}
+    assert toy["matched null: sparse-null test"].get_linestyle() == ":"
+    for ax in axes_of(fig):
+        for name, line in lines_by_label(ax).items():
+            role_label, split = name.rsplit(" ", 1)
+            label = role_label.split(": ", 1)[1]
+            want = seed_mean(by_path[label], split, "fvu")
+            if role_label.startswith("data") or role_label.startswith("layer") or role_label.startswith("random"):
+                assert line.get_linestyle() == {"train": "--", "test": "-"}[split]
             np.testing.assert_array_equal(line.get_xdata(), list(want))
             np.testing.assert_allclose(line.get_ydata(), list(want.values()), rtol=1e-6)
-        assert lines[f"_{c.label} [{c.role}] train"].get_color() == lines[f"{c.label} [{c.role}] test"].get_color()
-    assert ax.get_xscale() == "log" and "dictionary size" in ax.get_xlabel() and "FVU" in ax.get_ylabel()
-    assert "sparsefeat" in fig.texts[0].get_text() and "toy.h5" in fig.texts[0].get_text()
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    first = axes_of(fig)[0]
+    assert all(first.get_shared_y_axes().joined(first, ax) and first.get_shared_x_axes().joined(first, ax)
+               for ax in axes_of(fig))  # one scale for every panel
+    assert fig.legends and "data, test" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("sparsefeat" in t.get_text() and "toy.h5" in t.get_text() for t in fig.texts)
+    assert_readable(fig)
 
 
 def test_dead_and_agreement_figures_plot_the_table(counts):
-    dead = lines_by_label(plots.dead_vs_size(counts).axes[0])
+    by = {c.label: c for c in counts}
+    dead = plots.dead_vs_size(counts)
     agree = plots.agreement_vs_size(counts)
+    for label in ("sparse", "gmm", "m/resid_3"):
+        lines = lines_by_label(panel(dead, label))
+        np.testing.assert_allclose(lines[f"data: {label}"].get_ydata(), [s.dead_fraction for s in by[label].sizes])
+    column = [ax for ax in axes_of(agree) if ax.get_title().startswith("m/resid_3 [")]
+    top = column[0]
+    rows = [ax for ax in axes_of(agree) if ax.get_position().x0 == pytest.approx(top.get_position().x0)]
+    assert len(rows) == 3
+    for ax, key in zip(sorted(rows, key=lambda a: -a.get_position().y0), ("mmcs_next", "shared_seed", "reproduced")):
+        lines = lines_by_label(ax)
+        for role, label in (("data", "m/resid_3"), ("random init", "r/resid_3"), ("layer 0", "m/resid_0")):
+            np.testing.assert_allclose(lines[f"{role}: {label}"].get_ydata(), [getattr(s, key) for s in by[label].sizes])
+    assert_readable(dead)
+    assert_readable(agree)
+
+
+def test_summary_shows_the_count_beside_its_controls_and_the_held_out_fit(study):
+    fig = plots.summary(study.sweeps, study.headlines)
+    heads = {h.label: h for h in study.headlines}
+    by = {c.label: c for c in study.sweeps}
+    top = panel(fig, "sparse")
+    assert "12±1 features" in top.get_title()
+    lines = lines_by_label(top)
+    np.testing.assert_allclose(lines["data: sparse"].get_ydata(), [s.reproduced for s in by["sparse"].sizes])
+    np.testing.assert_allclose(lines["matched null: sparse-null"].get_ydata(),
+                               [s.reproduced for s in by["sparse-null"].sizes])
+    (below,) = [ax for ax in axes_of(fig) if ax is not top and ax.get_position().x0 == pytest.approx(top.get_position().x0)
+                and ax.get_position().y0 < top.get_position().y0]
+    fit_lines = lines_by_label(below)
+    np.testing.assert_allclose(fit_lines["data: sparse test FVU"].get_ydata(), [s.test_fvu for s in by["sparse"].sizes])
+    curve = fit_lines["data: fit"]
+    np.testing.assert_allclose(curve.get_ydata(), heads["sparse"].fit.predict(curve.get_xdata()))
+    null_curve = fit_lines["matched null: fit"]
+    np.testing.assert_allclose(null_curve.get_ydata(), heads["sparse"].fit_vs_null.null.predict(null_curve.get_xdata()))
+    assert f"b={heads['sparse'].fit.exponent.value:.2f}" in below.get_title() and "null b=" in below.get_title()
+    assert below.get_yscale() == "log"
+    assert_readable(fig)
+
+
+def test_sensitivity_has_one_line_per_setting_with_the_headline_thick(tmp_path):
+    toy = write_sweep(tmp_path / "toy.h5", label="toy", sparsities=(0.1, 0.5, 1.0), store_path=tmp_path / "t.h5",
+                      provenance=dict(generator="sparse", params=dict(n_features=12)), ground_truth=True)
+    counts = C.count_results([toy], C.CountConfig(bootstrap=20))
+    (h,) = C.headlines(counts, C.CountConfig(bootstrap=20))
+    fig = plots.sensitivity(counts, [h])
+    lines = {k: v for k, v in lines_by_label(panel(fig, "toy")).items() if k.startswith("l1=")}
+    assert len(lines) == 3
+    chosen = f"l1={h.sparsity['value']:g} (headline)"
+    assert lines[chosen].get_linewidth() > max(v.get_linewidth() for k, v in lines.items() if k != chosen)
     for c in counts:
-        name = f"{c.label} [{c.role}]"
-        np.testing.assert_allclose(dead[name].get_ydata(), [s.dead_fraction for s in c.sizes])
-        for ax, key in zip(agree.axes, ("mmcs_next", "shared_seed", "reproduced")):
-            np.testing.assert_allclose(lines_by_label(ax)[name].get_ydata(), [getattr(s, key) for s in c.sizes])
-            assert ax.get_xscale() == "log" and ax.get_ylabel()
+        key = next(k for k in lines if k.split(" ")[0] == f"l1={c.sparsity:g}")
+        np.testing.assert_allclose(lines[key].get_ydata(), [s.reproduced for s in c.sizes])
+    assert_readable(fig)
 
 
-def test_ground_truth_figure_shows_only_toys_with_their_true_count(counts):
+def test_ground_truth_figure_shows_only_toys(counts):
     fig = plots.ground_truth_vs_size(counts)
-    ax = fig.axes[0]
+    (ax,) = axes_of(fig)
     toy = next(c for c in counts if c.label == "sparse")
-    line = lines_by_label(ax)["sparse"]
+    (line,) = ax.get_lines()
     np.testing.assert_allclose(line.get_ydata(), [s.mmcs_gt for s in toy.sizes])
-    marks = [x for x in ax.get_lines() if x.get_linestyle() == ":"]
-    assert [m.get_xdata()[0] for m in marks] == [12]  # the true number of features
-    assert len([x for x in ax.get_lines() if x.get_linestyle() == "-"]) == 1
+    assert_readable(fig)
 
 
 def test_frontier_figure_puts_each_data_set_beside_its_null(tmp_path):
@@ -79,17 +171,32 @@ def test_frontier_figure_puts_each_data_set_beside_its_null(tmp_path):
                        provenance=dict(generator="matched", source=dict(path=str(tmp_path / "t.h5"), site="x")))
     counts = C.count_results([toy, null], C.CountConfig(bootstrap=50))
     fig = plots.loss_vs_l0(counts)
-    ax = fig.axes[0]
-    assert "toy-null" in ax.get_title()
+    (ax,) = axes_of(fig)
+    assert ax.get_title().startswith("toy [toy]")
     lines = lines_by_label(ax)
-    data, nul = lines["m=16"], lines["m=16 (null)"]
+    data, nul = lines["m=16"], lines["null m=64"]
     assert nul.get_linestyle() == ":" and data.get_linestyle() == "-"
     want = sorted((s.l0, s.test_fvu) for c in counts if c.label == "toy" for s in c.sizes if s.size == 16)
     np.testing.assert_allclose(np.c_[data.get_xdata(), data.get_ydata()], want)
     assert len(data.get_xdata()) == 2  # one point per sparsity setting
+    assert_readable(fig)
 
 
-@pytest.mark.slow
+def test_narrow_log_ranges_get_plain_ticks_that_do_not_overlap():
+    assert plots._plain_ticks((0.2, 0.65)) == [0.2, 0.3, 0.5]
+    assert plots._plain_ticks((0.012, 2.0)) == [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0][::2]
+    assert plots._plain_ticks((0.086, 0.119)) == [0.09, 0.1, 0.11]  # too narrow for 1-2-5: round steps
+    assert plots._plain_ticks((0.31, 0.39)) == [0.325, 0.35, 0.375]
+    ticks = plots._plain_ticks((1e-3, 10))
+    assert ticks == [0.001, 0.01, 0.1, 1.0, 10.0]
+
+
+def test_every_figure_is_readable_on_the_study(counts):
+    for name, make in plots.FIGURES.items():
+        assert_readable(make(counts))
+
+
+@pytest.mark.slow  # every figure twice, PNG and PDF, and the summary's bootstrap fits: ~15 s
 def test_plot_all_writes_png_and_pdf_and_refuses_to_overwrite(counts, tmp_path):
     written = plots.plot_all(counts, tmp_path / "fig")
     assert sorted(p.name for p in written) == sorted(f"{n}.{e}" for n in plots.FIGURES for e in ("png", "pdf"))
@@ -112,6 +219,7 @@ def test_count_by_layer_plots_trained_random_and_null_by_layer(counts):
     np.testing.assert_allclose(lines["random init"].get_ydata(), [by["r/resid_3"].sizes[-1].reproduced])
 
 
+@pytest.mark.slow  # ~10 s, as above
 def test_plot_command_writes_the_figures(study_files, tmp_path, capsys):  # noqa: F811
     from sparsefeat import cli
     assert cli.main(["plot", *map(str, study_files), "--out", str(tmp_path / "figs"), "--bootstrap", "20"]) == 0

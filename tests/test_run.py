@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from sparsefeat import cli
+from sparsefeat import cli, plots
 from sparsefeat import run as study
 
 
@@ -38,8 +38,8 @@ def test_quick_study_writes_the_whole_folder(quick_study):
                       "null-minilm-resid_6.h5"}
     assert len(list((out / "sweeps").glob("*.h5"))) == len(LABELS) == 14
     assert len(list((out / "calibration").glob("*.json"))) == len(LABELS)  # every grid calibrated
-    pngs, pdfs = list((out / "figures").glob("*.png")), list((out / "figures").glob("*.pdf"))
-    assert pngs and len(pngs) == len(pdfs)
+    n = len(plots.FIGURES)
+    assert len(list((out / "figures").glob("*.png"))) == n and len(list((out / "figures").glob("*.pdf"))) == n
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not list(out.rglob("*.ckpt"))
     # the effective config is complete and valid: it loads back to the same study
     again = study.from_table(tomllib.loads((out / "study.toml").read_text()), "study.toml")
@@ -140,7 +140,7 @@ def test_a_folder_refuses_a_study_with_another_config(quick_study, tmp_path, cap
     ("[count]\nmatch_floor = 2.0\n", "match_floor must be in (0, 1]"),
     ("[study\n", "not valid TOML"),
     ("[extra]\nx = 1\n", "unknown key 'extra'"),
-    ("[sweep.toy]\nsteps = \"abc\"\n", "[sweep.toy]: steps = 'abc' should be an integer"),
+    ("[sweep.toy]\nsteps = \"abc\"\n", "[sweep.toy]: steps must be a whole number or 'auto', got 'abc'"),
     ("[study]\nnulls = 1\n", "[study]: nulls = 1 should be true or false"),
     ("[model]\nlayers = [\"a\"]\n", "[model]: layers = ['a'] should be a list of an integer"),
     ("[count]\nbootstrap = 2.5\n", "[count]: bootstrap = 2.5 should be an integer"),

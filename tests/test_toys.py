@@ -453,8 +453,7 @@ def test_write_toy_takes_a_config_or_its_fields_as_keywords_alike(tmp_path):
 
 
 def test_cli_toy_options_and_their_defaults_come_from_toy_config(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["toy", "gaussian", "--help"])
+    assert cli.main(["toy", "gaussian", "--help"]) == 0  # main returns argparse's exit status instead of raising it
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(ToyConfig):
         assert f"--{f.name.replace('_', '-')}" in text
@@ -473,3 +472,14 @@ def test_cli_toy_bad_store_options_exit_2_with_one_line_naming_the_output(tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sparsefeat toy: error:") and re.search(pattern, err), err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_registries_refuse_a_second_toy_or_command_of_the_same_name():
+    from sparsefeat.toys import Toy
+    with pytest.raises(ConfigError, match="toy 'gmm' is already registered"):
+        class Impostor(Toy):
+            name = "gmm"
+    with pytest.raises(ConfigError, match="command 'toy' is already registered"):
+        class ImpostorCommand(cli.Command):
+            name = "toy"
+    assert TOYS["gmm"].__name__ == "Gmm" and cli.COMMANDS["toy"] is cli.ToyCommand

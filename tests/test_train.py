@@ -214,6 +214,20 @@ def test_version_1_results_files_are_still_read(small_store, tmp_path):
         assert r.decoder(r.members[0].id).shape == (8, 8)
 
 
+def test_version_2_results_files_are_read_with_training_unknown(small_store, tmp_path):
+    import h5py
+    path = train_sweep(small_store, small_config(steps="auto", min_steps=40, max_steps=40, converge_every=20,
+                                                 converge_window=20, sizes=["8"], l1=[0.1], seeds=[0]),
+                       tmp_path / "v2.h5", progress=False)
+    with h5py.File(path, "a") as f:  # what version 2 wrote: no training record
+        f.attrs["format_version"] = 2
+        del f["members"]["m=8,l1=0.1,seed=0"]["training"]
+    with load_results(path) as r:
+        assert r.members[0].training == dict.fromkeys(["steps_trained", "stop_reason", "converged", "dead_never_alive",
+                                                       "dead_died_later", "resampled"])
+        assert r.members[0].converged is None
+
+
 def test_inputs_are_scaled_to_unit_mean_squared_norm(toy_sweep, toy_store):
     with ActivationStore(toy_store) as s:
         msn = s.mean_squared_norm("x")
@@ -730,3 +744,146 @@ def test_mmcs_with_the_next_size_ignores_dead_atoms():
     assert with_alive[specs[0].id]["mmcs_next"] == pytest.approx(1.0)  # the two live atoms are in the big one
     assert all_atoms[specs[0].id]["mmcs_next"] < 0.9  # random dead atoms pull the plain MMCS down
     assert math.isnan(with_alive[specs[1].id]["mmcs_next"])  # the largest size has no next
+
+
+# ---- steps=auto: each size trains until its held-out loss converges (issue 10.1) ---------------------
+
+
+def auto_config(**kw):
+    base = dict(sizes=["16", "256"], l1=[0.6], seeds=[0, 1], steps="auto", batch_size=256, lr=3e-3,
+                min_steps=300, converge_every=100, converge_window=300, converge_tolerance=0.01, max_steps=6000,
+                checkpoint_every=0)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+@pytest.mark.slow
+def test_auto_steps_train_a_small_dictionary_less_than_a_large_one_and_record_it(toy_store, tmp_path):
+    r = load_results(train_sweep(toy_store, auto_config(), tmp_path / "auto.h5", progress=False))
+    small, large = by(r, 16), by(r, 256)
+    for m in r.members:
+        assert (m.training["stop_reason"], m.converged) == ("converged", True)
+        assert m.curves["test"][-1, 0] == m.steps_trained  # the check that stopped it is its last test point
+        assert m.curves["train"][-1, 0] == m.steps_trained
+    assert 300 <= small.steps_trained < large.steps_trained < 6000
+    assert by(r, 16, seed=1).steps_trained == small.steps_trained  # members of a size stop together
+    assert r.config["run"]["total_steps"] == large.steps_trained
+    # the rule, on the stored held-out curve: under 1% better than the best before the last 300 steps
+    curve = large.curves["test"]
+    t = large.steps_trained
+    before, recent = curve[curve[:, 0] <= t - 300, 1], curve[curve[:, 0] > t - 300, 1]
+    assert (before.min() - recent.min()) <= 0.01 * before.min()
+
+
+def test_auto_steps_stop_at_max_steps_unconverged_and_record_it(small_store, tmp_path):
+    cfg = small_config(steps="auto", min_steps=40, max_steps=60, converge_every=20, converge_window=40,
+                       converge_tolerance=0.0, sizes=["8", "16"], l1=[0.1], lr=1e-4)
+    r = load_results(train_sweep(small_store, cfg, tmp_path / "max.h5", progress=False))
+    assert [(m.steps_trained, m.training["stop_reason"], m.converged) for m in r.members] == [(60, "max_steps", False)] * 4
+
+
+def test_fixed_steps_record_no_convergence_and_are_what_auto_trains_in_as_many_steps(small_store, tmp_path):
+    fixed = load_results(train_sweep(small_store, small_config(), tmp_path / "fixed.h5", progress=False))
+    assert {(m.steps_trained, m.training["stop_reason"], m.converged) for m in fixed.members} == {(120, "fixed", None)}
+    auto = load_results(train_sweep(small_store, small_config(steps="auto", min_steps=120, max_steps=120,
+                                                              converge_every=40, converge_window=40),
+                                    tmp_path / "auto.h5", progress=False))
+    for ma, mb in zip(fixed.members, auto.members):
+        assert mb.steps_trained == 120 and mb.converged is not None
+        for name in ("encoder", "decoder", "encoder_bias", "decoder_bias"):  # the same arithmetic, step by step
+            np.testing.assert_array_equal(getattr(auto, name)(mb.id), getattr(fixed, name)(ma.id))
+
+
+def test_steps_accept_auto_from_the_command_line_and_refuse_other_words():
+    from sparsefeat.cli import build_parser, config_from_args
+    parser = build_parser()
+    args = parser.parse_args(["sweep", "s.h5", "--out", "o.h5", "--steps", "auto", "--max-steps", "1500"])
+    cfg = config_from_args(SweepConfig, args)
+    assert cfg.steps == "auto" and cfg.auto_steps and cfg.max_steps == 1500
+    assert config_from_args(SweepConfig, parser.parse_args(["sweep", "s.h5", "--out", "o.h5", "--steps", "300"])
+                            ).steps == 300
+    for bad, words in [(dict(steps="often"), "whole number or 'auto'"), (dict(steps="auto", epochs=2), "not both"),
+                       (dict(steps="auto", lr_schedule="cosine"), "lr-schedule constant"),
+                       (dict(steps="auto", min_steps=5000, max_steps=1000), "above max-steps"),
+                       (dict(steps="auto", converge_window=300, converge_every=200), "multiple")]:
+        with pytest.raises(SparsefeatError, match=words):
+            SweepConfig(**bad)
+
+
+AUTO_KILLED_RUN = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+import sparsefeat.train as T
+from sparsefeat.train import SweepConfig, train_sweep
+step_on = T.Sweep.step_on
+def hooked(self, batch):  # die just after the first checkpoint written once a size has stopped
+    if self.stopped and self.checkpoint_step and self.checkpoint_step > min(s for s, _ in self.stopped.values()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step_on(self, batch)
+T.Sweep.step_on = hooked
+train_sweep(sys.argv[1], SweepConfig(**{config!r}), sys.argv[2], resume=True, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_auto_steps_resume_after_sigkill_ends_like_an_uninterrupted_run(small_store, tmp_path, kill_when):
+    cfg = dict(sizes=["4", "32"], l1=[0.1, 0.5], seeds=[0, 1], steps="auto", batch_size=64, log_every=20,
+               min_steps=100, max_steps=3000, converge_every=20, converge_window=60, checkpoint_every=40)
+    out, ckpt = tmp_path / "killed.h5", checkpoint_path(tmp_path / "killed.h5")
+    kill_when(AUTO_KILLED_RUN.format(config=cfg), None, args=(small_store, out))
+    state = torch.load(ckpt, weights_only=True)
+    assert len(state["stopped"]) == 1 and state["stopped"][0][2] == "converged"  # one size stopped, one trains
+    resumed = load_results(train_sweep(small_store, SweepConfig(**cfg), out, resume=True, progress=False))
+    whole = load_results(train_sweep(small_store, SweepConfig(**cfg), tmp_path / "whole.h5", progress=False))
+    assert by(whole, 4).steps_trained < by(whole, 32).steps_trained
+    for ma, mb in zip(whole.members, resumed.members):
+        assert mb.training == ma.training
+        assert_same_member(whole, resumed, ma, mb)
+
+
+def test_count_reads_no_plateau_from_sizes_that_did_not_converge(toy_sweep):
+    from sparsefeat.count import CountConfig, count_sweep
+    with load_results(toy_sweep.path) as r:
+        key = (r.members[0].arch, r.members[0].sparsity_name, r.members[0].sparsity)
+        before = count_sweep(r, "toy", "toy", key, r.members, CountConfig())
+        assert before.saturation.estimate is not None
+        plateau = before.saturation.size
+        for m in r.members:
+            if m.dictionary_size >= plateau:
+                m.training.update(steps_trained=4000, stop_reason="max_steps", converged=False)
+        after = count_sweep(r, "toy", "toy", key, r.members, CountConfig())
+    assert after.saturation.estimate is None
+    assert after.saturation.lower_bound == before.saturation.estimate
+    assert f"m={plateau} did not converge in 4000 steps; not read as a plateau" in after.warnings
+
+
+# ---- dead latents: never alive or died later; resampling (issue 10.2) --------------------------------
+
+
+def test_last_firing_separates_latents_never_alive_from_those_that_died(toy_sweep):
+    for m in toy_sweep.members:
+        last = toy_sweep.last_fired(m.id)
+        assert last.shape == (m.dictionary_size,) and 0 <= last.min() and last.max() <= m.steps_trained == 4000
+        dead = toy_sweep.feature_frequency(m.id, "test") == 0
+        assert m.training["dead_never_alive"] == int((dead & (last == 0)).sum())
+        assert m.training["dead_died_later"] + m.training["dead_never_alive"] == \
+            round(m.metrics["test"]["dead_fraction"] * m.dictionary_size)
+        assert np.median(last[~dead]) >= 3990  # latents alive on the test split fire to the end of training
+        assert m.training["resampled"] == 0
+    big = by(toy_sweep, 256)
+    assert big.training["dead_never_alive"] + big.training["dead_died_later"] > 0  # past m = n latents die
+
+
+def test_resampling_restarts_dead_relu_latents_and_is_refused_for_topk(small_store, tmp_path):
+    def sweep(name, **kw):
+        cfg = small_config(sizes=["64"], l1=[2.0], seeds=[0], lr=1e-2, **kw)
+        r = load_results(train_sweep(small_store, cfg, tmp_path / f"{name}.h5", progress=False))
+        return r, r.members[0]
+    (upto, mu), (plain, mp) = sweep("upto", steps=300), sweep("plain", steps=400)
+    r, m = sweep("resampled", steps=400, resample_steps=[300], resample_window=100)
+    dead_at_300 = int((upto.last_fired(mu.id) <= 200).sum())  # the same run up to step 300: whom it restarts
+    assert m.training["resampled"] == dead_at_300 > 0 and mp.training["resampled"] == 0
+    assert not np.array_equal(r.decoder(m.id), plain.decoder(mp.id))
+    assert (r.last_fired(m.id) > 300).sum() > (plain.last_fired(mp.id) > 300).sum()  # restarted latents fire
+    with pytest.raises(SparsefeatError, match="relu-l1"):
+        SweepConfig(arch="topk", resample_steps=[100])

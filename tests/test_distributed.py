@@ -1,0 +1,232 @@
+"""Scale-out under torchrun (distributed.py): real `torchrun --nproc-per-node 2 -m sparsefeat` runs with
+gloo on CPU, each compared with the same command in one process; a rank SIGKILLed mid-harvest and
+resumed; and the pure parts (dividing work, refusing foreign shards) directly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import committed_rows
+from sparsefeat import distributed
+from sparsefeat.distributed import (World, balanced_shares, contiguous_parts, member_shares, shard_folder,
+                                    shard_path)
+from sparsefeat.store import ActivationStore, partial_path
+from sparsefeat.sweep_config import SweepConfig
+
+# A small MiniLM harvest: about 10 blocks per rank, so a rank can be killed between blocks.
+HARVEST = ["--corpus", "pydoc", "--max-tokens", "3000", "--layers", "0,3", "--block-tokens", "150",
+           "--max-length", "128", "--device", "cpu", "--no-progress"]
+SWEEP = ["--sizes", "0.5x,1x,2x,4x", "--seeds", "0,1", "--steps", "40", "--batch-size", "64", "--log-every", "10",
+         "--test-curve-points", "2", "--test-curve-rows", "256", "--sample-rows", "2000", "--checkpoint-every", "20",
+         "--device", "cpu", "--no-progress"]
+
+
+def _env() -> dict:
+    # One thread per process in both runs: the same arithmetic, so the files can be compared exactly.
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+
+
+def sparsefeat(*argv, ranks: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m sparsefeat ARGV`, or under `torchrun --nproc-per-node RANKS` (torch.distributed.run)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m"] if ranks > 1 \
+        else [sys.executable, "-m"]
+    done = subprocess.run([*launch, "sparsefeat", *map(str, argv)], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    return done
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def h5_contents(path: Path, skip_attrs=("created", "completed")) -> dict:
+    """Every dataset's values and every attribute of an HDF5 file, by name (NaN compared equal)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = {k: str(v) for k, v in f.attrs.items() if k not in skip_attrs}
+
+        def visit(name, obj):
+            out[name + "@"] = {k: str(v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+        f.visititems(visit)
+    return out
+
+
+def assert_same_contents(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, np.ndarray) and x.dtype.names:
+            for n in x.dtype.names:
+                np.testing.assert_array_equal(x[n], y[n], err_msg=f"{k}.{n}")
+        elif isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=k)
+        else:
+            assert x == y, k
+
+
+# --------------------------------------------------------------------------------------------
+# Dividing the work
+# --------------------------------------------------------------------------------------------
+
+
+def test_contiguous_parts_cover_every_item_once_balanced_by_cost():
+    costs = [5, 1, 1, 1, 1, 1, 5, 1, 1, 1, 1, 1]
+    parts = contiguous_parts(costs, 2)
+    assert parts == [(0, 6), (6, 12)]
+    assert contiguous_parts(costs, 3)[0][0] == 0 and contiguous_parts(costs, 3)[-1][1] == len(costs)
+    assert contiguous_parts([1, 1], 4) == [(0, 1), (1, 1), (1, 2), (2, 2)]  # more ranks than blocks: some idle
+    for n in (1, 2, 3, 5):
+        p = contiguous_parts(list(range(1, 20)), n)
+        assert [lo for lo, _ in p[1:]] == [hi for _, hi in p[:-1]] and p[0][0] == 0 and p[-1][1] == 19
+
+
+def test_sweep_shares_balance_cost_with_longest_first():
+    # Six sizes 0.5x..16x of d = 64, two seeds: the 16x stack costs 32x the 0.5x one and gets a rank alone.
+    specs = SweepConfig(sizes=["0.5x", "1x", "2x", "4x", "8x", "16x"], seeds=[0, 1]).members(64)
+    shares = member_shares(specs, 2)
+    size = {s.id: s.size for s in specs}
+    assert sorted(sum(shares, [])) == sorted(s.id for s in specs)
+    assert {size[m] for m in shares[0]} == {1024}
+    loads = [sum(size[m] for m in share) for share in shares]
+    assert loads == [2048, 1984]  # 2 × 1024 against 2 × (32 + 64 + 128 + 256 + 512)
+    # fewer sizes than ranks: the costliest size is halved so that every rank trains something
+    few = SweepConfig(sizes=["1x"], seeds=[0, 1, 2, 3]).members(64)
+    assert sorted(len(s) for s in member_shares(few, 3)) == [1, 1, 2]
+    assert balanced_shares({"a": [1, 2], "b": [3]}, {"a": 1, "b": 10}, 2) == [[3], [1, 2]]
+
+
+def test_shards_of_another_world_size_are_refused_unless_forced(tmp_path):
+    out = tmp_path / "s.h5"
+    shard_folder(out).mkdir()
+    partial_path(shard_path(out, 2, 3)).write_bytes(b"")
+    with pytest.raises(distributed.DistributedError, match="another number of processes"):
+        distributed._check_shards(out, World(0, 2), resume=True, force=False)
+    distributed._check_shards(out, World(0, 2), resume=False, force=True)
+    mine = tmp_path / "t.h5"
+    shard_folder(mine).mkdir()
+    partial_path(shard_path(mine, 1, 2)).write_bytes(b"")
+    distributed._check_shards(mine, World(0, 2), resume=True, force=False)
+    with pytest.raises(distributed.DistributedError, match="pass --resume"):
+        distributed._check_shards(mine, World(0, 2), resume=False, force=False)
+
+
+def test_not_launched_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.launched() and distributed.world() == World(0, 1, 0)
+    assert distributed.gather({"x": 1}) == [{"x": 1}] and distributed.broadcast(3) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Harvest
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_harvest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "one.h5"
+    ok(sparsefeat("harvest", "--out", out, *HARVEST))
+    return out
+
+
+def assert_same_store(path: Path, reference: Path) -> None:
+    with ActivationStore(path) as a, ActivationStore(reference) as b:
+        assert a.complete and a.sites == b.sites and a.n_rows() == b.n_rows() > 2000
+        for key, value in b.tokens().items():
+            np.testing.assert_array_equal(a.tokens()[key], value, err_msg=key)
+        np.testing.assert_array_equal(a.split_mask("test"), b.split_mask("test"))
+        np.testing.assert_array_equal(a.documents_test(), b.documents_test())
+        assert a.provenance == b.provenance
+        for site in b.sites:
+            np.testing.assert_allclose(a.load(site).numpy(), b.load(site).numpy(), rtol=1e-6, atol=1e-6)
+        assert a.verify() == b.verify()  # every checksum of the one store holds
+
+
+@pytest.mark.slow
+def test_two_rank_harvest_equals_the_single_process_store(tmp_path, single_harvest):
+    out = tmp_path / "two.h5"
+    done = ok(sparsefeat("harvest", "--out", out, *HARVEST, ranks=2))
+    assert f"wrote {out}" in done.stdout
+    assert_same_store(out, single_harvest)
+    assert not shard_folder(out).exists()  # merged, then removed
+
+
+def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker process of `rank` (read from its environment), if started."""
+    try:
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_harvest_resumes_to_the_single_process_store(tmp_path, single_harvest):
+    out = tmp_path / "killed.h5"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "sparsefeat",
+              "harvest", "--out", str(out), *HARVEST]
+    launcher = subprocess.Popen(launch, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    shard = partial_path(shard_path(out, 1, 2))
+    deadline = time.monotonic() + 120
+    try:
+        while committed_rows(shard) == 0:  # rank 1 has committed its first blocks
+            assert launcher.poll() is None, launcher.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "rank 1 committed nothing in time"
+            time.sleep(0.01)
+        os.kill(_worker_of_rank(launcher, 1), signal.SIGKILL)
+        assert launcher.wait(timeout=60) != 0  # torchrun ends the other rank and fails
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        launcher.stderr.close()
+    assert not out.exists() and shard.exists() and 0 < committed_rows(shard)
+    ok(sparsefeat("harvest", "--out", out, *HARVEST, "--resume", ranks=2))
+    assert_same_store(out, single_harvest)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep: members across ranks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_rank_sweep_writes_the_single_process_results_file(tmp_path, sparse_toy):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    ok(sparsefeat("sweep", sparse_toy, "--out", one, *SWEEP))
+    done = ok(sparsefeat("sweep", sparse_toy, "--out", two, *SWEEP, ranks=2))
+    assert f"wrote {two}" in done.stdout
+    # Every member, metric, curve, weight and cross-member signal, bit for bit; only the creation time differs.
+    assert_same_contents(h5_contents(two), h5_contents(one))
+    with h5py.File(two) as f:
+        assert len(f["members"]) == 8 and len(f["signals/seeds"]) == 4 and len(f["signals/next"]) == 6
+    assert not list(tmp_path.glob("two.h5.rank-*.ckpt"))  # each rank removed its checkpoint
+
+
+def test_sweep_checkpoints_of_another_world_size_are_refused_unless_forced(tmp_path):
+    out = tmp_path / "sweep[1].h5"
+    other, mine = distributed.checkpoint_of(out, 0, 3), distributed.checkpoint_of(out, 1, 2)
+    other.write_bytes(b"")
+    mine.write_bytes(b"")
+    with pytest.raises(distributed.DistributedError, match="another number of processes"):
+        distributed._check_checkpoints(out, World(0, 2), force=False)
+    distributed._check_checkpoints(out, World(0, 2), force=True)
+    assert not other.exists() and mine.exists()
