@@ -160,7 +160,7 @@ def _natural(p: np.ndarray, scale: float, zero: float) -> tuple[float, float, fl
 
 def size_within_floor(a: float, b: float, c: float, share: float = WITHIN_FLOOR) -> float:
     """The size m where a · m^(−b) = share · c: (a / (share · c))^(1/b); inf when c is 0."""
-    if c <= 0:
+    if c <= 0 or b <= 0:
         return math.inf
     log_m = (math.log(a) - math.log(share * c)) / b
     return math.inf if log_m > 700 else float(math.exp(log_m))  # a near-flat curve (b → 0) never gets there
