@@ -745,7 +745,9 @@ def _number(h) -> str:
     if h.estimate is not None:
         return f"**{h.estimate:.0f}±{h.uncertainty:.0f}** features (plateau from m={h.size})"
     bound = "" if h.lower_bound is None or math.isnan(h.lower_bound) else f"**>{h.lower_bound:.0f}** reproduced directions, "
-    return f"{bound}no estimate ({h.reason})"
+    unconverged = [w.split(" did not converge")[0] for w in h.warnings if "did not converge" in w]
+    why = h.reason + (f"; {', '.join(unconverged)} did not converge within the step budget" if unconverged else "")
+    return f"{bound}no estimate ({why})"
 
 
 def _comparison(key: str, comp) -> str:

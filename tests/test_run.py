@@ -60,10 +60,15 @@ def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
         assert sum(r["chosen"] for r in rows if r["label"] == label) == 1
     toy = heads["sparse"]
     assert toy["role"] == "toy" and toy["expected"] == 64
-    assert toy["estimate"] == pytest.approx(64, rel=0.2)
-    assert toy["comparisons"]["null"]["against"] == "null:sparse" and toy["comparisons"]["null"]["within_noise"] is False
+    # an estimate, or (sizes still improving at the step budget: no plateau is read there) a lower bound
+    for label, value, tol in (("sparse", 64, dict(rel=0.2)), ("gmm", 12, dict(abs=2))):
+        h = heads[label]
+        assert (h["estimate"] if h["estimate"] is not None else h["lower_bound"]) == pytest.approx(value, **tol)
+        assert h["estimate"] is not None or any("did not converge" in w for w in h["warnings"])
+    null = toy["comparisons"]["null"]
+    assert null["against"] == "null:sparse"
+    assert null["within_noise"] is False or (null["bound"] == ">" and null["excess"] > 0.8 * 64)  # beyond the null
     assert {"control gmm", "control square", "control circle", "control sphere"} <= set(toy["comparisons"])
-    assert heads["gmm"]["estimate"] == pytest.approx(12, abs=2)
     for manifold in ("circle", "sphere"):  # read against their own matched nulls
         assert heads[manifold]["role"] == "control"
         assert heads[manifold]["comparisons"]["null"]["against"] == f"null:{manifold}"
@@ -82,17 +87,19 @@ def test_quick_study_report_leads_with_one_headline_per_dataset(quick_study):
     lines = [line for line in sections[1].splitlines() if line.startswith("- **")]
     assert [re.match(r"- \*\*(.+?)\*\*", line).group(1) for line in lines] == list(LABELS)
     sparse = lines[0]
-    assert re.fullmatch(r"- \*\*sparse\*\* \(toy, expected 64\): \*\*\d+±\d+\*\* features \(plateau from m=\d+\) at "
-                        r"relu-l1 l1=[\d.]+ \[held-out knee\]; [+-]\d+±\d+ over null `null:sparse`, beyond noise\.", sparse)
+    assert re.fullmatch(r"- \*\*sparse\*\* \(toy, expected 64\): (\*\*\d+±\d+\*\* features \(plateau from m=\d+\)|"
+                        r"\*\*>\d+\*\* reproduced directions, no estimate \(no plateau up to m=128; m=\d+.* did not converge "
+                        r"within the step budget\)) at relu-l1 l1=[\d.]+ \[held-out knee\]; [+>-]+\d+(±\d+)? over null "
+                        r"`null:sparse`(, beyond noise)?\.", sparse)
     layer = lines[LABELS.index("minilm/resid_6")]
     assert "over null `null:minilm/resid_6`" in layer and "over layer 0 `minilm/resid_0`" in layer
     assert "over random init `minilm-random/resid_6`" in layer and "[held-out knee]" in layer
     calibration = next(s for s in sections if s.startswith("Sparsity calibration"))
     assert len(re.findall(r"^- \*\*.+\*\*: target L0 [\d.]+ \(×/÷1\.5\): l1=", calibration, flags=re.M)) == len(LABELS)
     checks = next(s for s in sections if s.startswith("Training checks"))
-    assert "every latent dead" in checks and "training objective" in checks
+    assert "every latent dead" in checks and "training objective" in checks.lower()
     sensitivity = next(s for s in sections if s.startswith("Sensitivity"))
-    assert sensitivity.count(" chosen") == len(LABELS)
+    assert len(re.findall(r"  chosen$", sensitivity, flags=re.M)) == len(LABELS)  # one chosen setting each
 
 
 @pytest.mark.slow
@@ -105,8 +112,8 @@ def test_quick_study_report_answers_the_three_questions_with_numbers(quick_study
                      r"[+-]\d\.\d{4} at m=96", train_test)
     assert re.search(r"^(No dataset here shows|Train loss alone would overstate)", train_test, flags=re.M)
     false_pos = titled["2. False positives on controls"]
-    assert re.search(r"\*\*gmm\*\* \(control; it has 12 components\): \*\*\d+±\d+\*\*", false_pos)
-    assert re.search(r"over null `null:sparse`, beyond noise", false_pos)
+    assert re.search(r"\*\*gmm\*\* \(control; it has 12 components\): \*\*>?\d+(±\d+)?\*\*", false_pos)
+    assert re.search(r"over null `null:sparse`", false_pos)
     for manifold in ("circle", "sphere"):  # the tiles are not reported as features, or the report says it cannot tell
         assert re.search(rf"\*\*{manifold}\*\* is a manifold .*(does not report the tiles|cannot tell)", false_pos)
     layer0 = titled["3. Layer 0 as a baseline"]
@@ -213,3 +220,6 @@ def test_a_headline_line_gives_the_number_the_setting_the_rule_and_the_excess():
                     "[held-out knee]; +62±3 over null `null:sparse`, beyond noise.")
     bound = study.headline_line(_headline(estimate=None, uncertainty=None, size=None, reason="no plateau up to m=128"))
     assert "**>65** reproduced directions, no estimate (no plateau up to m=128) at relu-l1 l1=0.3" in bound
+    unconverged = _headline(estimate=None, uncertainty=None, size=None, reason="no plateau up to m=128",
+                            warnings=["m=128 did not converge in 1000 steps; not read as a plateau"])
+    assert "(no plateau up to m=128; m=128 did not converge within the step budget)" in study.headline_line(unconverged)
