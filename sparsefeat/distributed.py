@@ -3,9 +3,12 @@
     torchrun --nproc-per-node 2 -m sparsefeat harvest ... --out STORE.h5
     torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5
 
+    torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5 --ddp
+
 Each process (rank) finds its rank and the world from torchrun's environment; the process group uses
-NCCL where a rank has a GPU of its own and gloo on CPU. Nothing here moves gradients: the work is
-divided so that every rank computes exactly what a single process would for its share.
+NCCL where a rank has a GPU of its own and gloo on CPU. Harvests and the default sweep move no
+gradients: the work is divided so that every rank computes exactly what a single process would for
+its share. `--ddp` shares every step instead (below).
 
 - Harvest: rank 0 plans the single-process run's document blocks (tokenizing only: the block
   boundaries and `--max-tokens` depend on token counts, not on activations) and gives each rank a
@@ -17,9 +20,14 @@ divided so that every rank computes exactly what a single process would for its 
   balanced by cost (latents × members, greedy longest-processing-time first); every rank streams the
   same batches, so each member trains exactly as in one process. Rank 0 gathers the evaluations,
   weights and curves and writes the one results file (cross-member signals over all members).
+- Sweep (`--ddp`, data-parallel): every rank holds the whole sweep and trains on rows r::world of each
+  global batch; DistributedDataParallel averages the gradients, so every rank takes the same step,
+  that of one process on the whole batch (up to float summation order). Rank 0 writes the
+  checkpoint, evaluates and writes the results file.
 
 Resume is per rank: each shard and each rank's checkpoint resumes by itself, so a rerun with
-`--resume` and the same number of processes continues wherever each rank stopped.
+`--resume` and the same number of processes continues wherever each rank stopped. (`--ddp` writes one
+checkpoint of the global state, which any number of ranks can resume.)
 """
 
 from __future__ import annotations
