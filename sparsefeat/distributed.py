@@ -428,15 +428,17 @@ def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resu
             parts = gather(part)
             path = None
             if w.is_main:
-                evals, weights = {}, {}
+                evals, weights, training, last_fired = {}, {}, {}, {}
                 for p in parts:
                     evals.update(p.get("evals", {}))
                     weights.update(p.get("weights", {}))
+                    training.update(p.get("training", {}))
+                    last_fired.update(p.get("last_fired", {}))
                     run.curves.update(p.get("curves", {}))
                 # members in the sweep's order, as a single process lists them
                 evals = {s.id: evals[s.id] for s in specs}
                 weights = {s.id: weights[s.id] for s in specs}
-                path = run.write_results(evals, weights)
+                path = run.write_results(evals, weights, training, last_fired)
             barrier()  # the results are written: the checkpoints are no longer needed
             if run is not None:
                 run.ckpt.unlink(missing_ok=True)
@@ -446,7 +448,9 @@ def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resu
 def _train_share(run) -> dict:
     run.train()
     evals = run.evaluate()
-    return dict(evals=evals, weights=run.member_weights(), curves={s.id: run.curves[s.id] for s in run.trained})
+    # each member's training record (stops, dead latents, resamplings) and firing steps are its rank's
+    return dict(evals=evals, weights=run.member_weights(), curves={s.id: run.curves[s.id] for s in run.trained},
+                training=run.training_records(evals), last_fired=run.last_fired())
 
 
 # --------------------------------------------------------------------------------------------
