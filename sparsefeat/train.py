@@ -350,28 +350,38 @@ class Sweep:
         return {spec.id: st.member_weights(g) for st, specs in zip(self.stacks, self.stack_specs)
                 for g, spec in enumerate(specs)}
 
+    def training_records(self, evals: dict[str, dict[str, dict]]) -> dict[str, dict]:
+        """Per trained member id: how it stopped, its dead latents (never alive / died later), resamplings."""
+        last_fired, records = self.last_fired(), {}
+        for spec in self.trained:
+            dead = evals[spec.id]["test"]["frequency"] <= 0
+            records[spec.id] = dict(
+                self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
+                dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
+                resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
+        return records
+
     def write_results(self, evals: dict[str, dict[str, dict]],
-                      weights: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+                      weights: dict[str, dict[str, np.ndarray]] | None = None,
+                      training: dict[str, dict] | None = None, last_fired: dict[str, np.ndarray] | None = None) -> Path:
         """The results file: every member's record and arrays, the cross-member signals, the run.
-        `weights` (a distributed sweep: every rank's members) replaces this process's own."""
+        `weights`, `training` and `last_fired` (a distributed sweep: every rank's members) replace this
+        process's own."""
         weights = self.member_weights() if weights is None else weights
+        training = self.training_records(evals) if training is None else training
+        last_fired = self.last_fired() if last_fired is None else last_fired
         gt = self.store.ground_truth.get("features")
         alive = {sid: e["test"]["frequency"] > 0 for sid, e in evals.items()}
         thresholds = signal_thresholds()
         signals, per_member = cross_member_signals(self.specs, weights, gt, alive, thresholds)
         members, arrays = [], {}
-        last_fired = self.last_fired()
         for spec in self.specs:
             e = evals[spec.id]
-            dead = e["test"]["frequency"] <= 0
-            training = dict(self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
-                            dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
-                            resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
             curves = {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in self.curves[spec.id].items()}
             members.append(Member(id=spec.id, arch=spec.arch, dictionary_size=spec.size,
                                   sparsity_name=spec.sparsity_name, sparsity=spec.sparsity, seed=spec.seed,
                                   metrics={k: v["metrics"] for k, v in e.items()},
-                                  signals=per_member[spec.id], curves=curves, training=training))
+                                  signals=per_member[spec.id], curves=curves, training=training[spec.id]))
             arrays[spec.id] = MemberArrays(row_sse={k: v["row_sse"] for k, v in e.items()},
                                            frequency={k: v["frequency"] for k, v in e.items()},
                                            last_fired=last_fired[spec.id], **weights[spec.id])
