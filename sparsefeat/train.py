@@ -200,7 +200,8 @@ class Sweep:
     @property
     def finished(self) -> bool:
         """Every size has stopped (steps=auto: converged or at max_steps; fixed: at the last step)."""
-        return self.step >= self.total_steps or len(self.stopped) == len({s.size for s in self.specs})
+        # only the sizes this process trains: under torchrun a rank with its own members stops when they have
+        return self.step >= self.total_steps or len(self.stopped) == len({s.size for s in self.trained})
 
     def active(self, i: int) -> bool:
         """Whether stack i still trains (its size has not stopped)."""
@@ -244,8 +245,8 @@ class Sweep:
         resampled = [s for s in self.resample_steps if s <= self.step]
         if self.step < cfg.min_steps or (resampled and self.step < max(resampled) + cfg.converge_window):
             return  # a resampling step disturbs the loss: judge only a whole window after the last one
-        for size in sorted({s.size for s in self.specs} - set(self.stopped)):
-            members = [s for s in self.specs if s.size == size]
+        for size in sorted({s.size for s in self.trained} - set(self.stopped)):
+            members = [s for s in self.trained if s.size == size]
             if all(held_out_converged(self.curves[s.id]["test"], self.step, cfg.converge_window,
                                       cfg.converge_tolerance) for s in members):
                 self.stopped[size] = (self.step, STOP_CONVERGED)
@@ -287,7 +288,7 @@ class Sweep:
                 self.resampled.append([int(self.step), i, g, len(latents)])
 
     def _stop_remaining(self, reason: str) -> None:
-        for size in {s.size for s in self.specs} - set(self.stopped):
+        for size in {s.size for s in self.trained} - set(self.stopped):
             self.stopped[size] = (self.step, reason)
 
     def stop_record(self, spec: MemberSpec) -> dict:
