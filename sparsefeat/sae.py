@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .kernels import gather_linear, sparse_decode
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
@@ -231,21 +232,48 @@ class SAE(torch.nn.Module):
         penalty = self.penalty(codes)
         return dict(mse=mse, penalty=penalty, loss=mse + penalty)
 
-    def auxiliary_loss(self, x, x_hat, pre, codes) -> torch.Tensor | None:
+    def auxiliary_loss(self, x, x_hat, fired, pre, pick) -> torch.Tensor | None:
         """Training-only extra terms (e.g. AuxK), per member; None when there are none. Called once per
-        training step, so it may also update training-time state (topk's dead-latent counters)."""
+        training step, so it may also update training-time state (topk's dead-latent counters).
+        `fired` [G, m]: latents that fired in this batch; `pre` [G, B, m]: the pre-activations (without
+        autograd on the sparse path); `pick(latents [G, B, n])`: the pre-activations at those latents,
+        differentiable in the encoder on either path."""
         return None
+
+    # which path `training_loss` takes: "auto" (sparse where `sparse_pays` says so), "dense" or "sparse";
+    # not an option, since both give the same numbers to float tolerance (tests/test_sae.py)
+    kernel: str = "auto"
+
+    def sparse_pays(self) -> bool:
+        """Whether the sparse training path (kernels.py) is faster here; False where there is none."""
+        return False
+
+    def use_sparse(self) -> bool:
+        if self.kernel == "auto":
+            # torch.compile traces the dense path: its graphs do not take sparse COO tensors
+            return self.sparse_pays() and not torch.compiler.is_compiling()
+        return self.kernel == "sparse"
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over members of the training loss, to backpropagate; detached objective per member)."""
+        if self.use_sparse():
+            return self.sparse_training_loss(x)
         pre = self.pre_activations(x)
         codes = self.activation(pre)
         x_hat = self.decode(codes)
+        return self.objective(x, x_hat, codes, (codes > 0).any(dim=1), pre, lambda latents: pre.gather(-1, latents))
+
+    def sparse_training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} has no sparse training path")
+
+    def objective(self, x, x_hat, codes, fired, pre, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """`training_loss`'s result from either path: `codes` are what `penalty` sums ([G, B, m] dense or
+        [G, B, n] kept values), `fired` [G, m] which latents fired in this batch."""
         with torch.no_grad():
             self.train_steps.add_(1)
-            self.last_fired.copy_(torch.where((codes > 0).any(dim=1), self.train_steps, self.last_fired))
+            self.last_fired.copy_(torch.where(fired, self.train_steps, self.last_fired))
         loss = self.losses(x, x_hat, codes)["loss"]
-        aux = self.auxiliary_loss(x, x_hat, pre, codes)
+        aux = self.auxiliary_loss(x, x_hat, fired, pre, pick)
         total = loss.sum() if aux is None else (loss + aux).sum()
         return total, loss.detach()
 
@@ -350,20 +378,55 @@ class TopK(SAE):
         return torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
 
     def activation(self, pre):
-        same_k = len(set(self.ks)) == 1
-        values, index = pre.relu().topk(self.k_max, dim=-1, sorted=not same_k)
-        if not same_k:
-            values = values * self.rank_mask
+        values, index = self.top_latents(pre.relu())
         return torch.zeros_like(pre).scatter_(-1, index, values)
 
-    def auxiliary_loss(self, x, x_hat, pre, codes):
+    def top_latents(self, pre_relu):
+        """The kept (values, latents) [G, B, k_max] of ReLU'd pre-activations; ranks past a member's k
+        hold value 0."""
+        same_k = len(set(self.ks)) == 1
+        values, index = pre_relu.topk(self.k_max, dim=-1, sorted=not same_k)
+        if not same_k:
+            values = values * self.rank_mask
+        return values, index
+
+    # Measured crossover (benchmarks/bench_sparse.py, 2 CPU cores, d=384, batch 4096): the sparse step
+    # was faster at every k/m up to 1/12 (k=128 of m=1536) and the dense one from about k/m = 1/4.
+    SPARSE_MAX_FRACTION: ClassVar[float] = 1 / 8
+
+    def sparse_pays(self):
+        return self.k_max <= self.SPARSE_MAX_FRACTION * self.size
+
+    def sparse_training_loss(self, x):
+        """The training step on (values, latents): dense encoder matmul only (kernels.py)."""
+        centred = x[None] - self.decoder_bias[:, None, :]
         with torch.no_grad():
-            self.rows_since_fired.add_(x.shape[0]).masked_fill_((codes > 0).any(dim=1), 0)
+            pre = torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
+            _, index = self.top_latents(pre.relu())
+
+        def pick(latents):
+            return gather_linear(centred, self.encoder, self.encoder_bias, pre, latents)
+
+        values = pick(index).relu()
+        if len(set(self.ks)) > 1:
+            values = values * self.rank_mask
+        x_hat = sparse_decode(values, index, self.decoder, self.decoder_bias)
+        with torch.no_grad():
+            fired = torch.zeros(pre.shape[0], self.size, device=x.device)
+            fired = fired.scatter_add_(-1, index.flatten(1), (values > 0).flatten(1).float()) > 0
+        return self.objective(x, x_hat, values, fired, pre, pick)
+
+    def auxiliary_loss(self, x, x_hat, fired, pre, pick):
+        with torch.no_grad():
+            self.rows_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
         if not self.auxk_active or self.options.auxk_alpha == 0:
             return None
         dead = (self.rows_since_fired >= self.options.auxk_dead_rows)[:, None, :]
-        values, index = (pre.relu() * dead).topk(self.k_aux, dim=-1, sorted=False)
-        e_hat = torch.bmm(torch.zeros_like(pre).scatter_(-1, index, values), self.decoder)
+        with torch.no_grad():
+            index = (pre.detach().relu() * dead).topk(self.k_aux, dim=-1, sorted=False).indices
+        # the k_aux largest dead pre-activations (0 where fewer are positive), decoded without the bias
+        values = pick(index).relu() * dead.expand(-1, index.shape[1], -1).gather(-1, index)
+        e_hat = sparse_decode(values, index, self.decoder)
         e = (x - x_hat).detach().float()
         aux = (e_hat.float() - e).pow(2).sum(-1).mean(-1) / e.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
         return self.options.auxk_alpha * aux
