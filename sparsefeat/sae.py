@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .kernels import gather_linear, sparse_decode
+from .kernels import SparseCodes, gather_linear, sparse_decode
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
@@ -236,8 +236,8 @@ class SAE(torch.nn.Module):
         """Training-only extra terms (e.g. AuxK), per member; None when there are none. Called once per
         training step, so it may also update training-time state (topk's dead-latent counters).
         `fired` [G, m]: latents that fired in this batch; `pre` [G, B, m]: the pre-activations (without
-        autograd on the sparse path); `pick(latents [G, B, n])`: the pre-activations at those latents,
-        differentiable in the encoder on either path."""
+        autograd on the sparse path); `pick(codes: SparseCodes)`: the pre-activations at those
+        entries [N], differentiable in the encoder on either path."""
         return None
 
     # which path `training_loss` takes: "auto" (sparse where `sparse_pays` says so), "dense" or "sparse";
@@ -261,18 +261,30 @@ class SAE(torch.nn.Module):
         pre = self.pre_activations(x)
         codes = self.activation(pre)
         x_hat = self.decode(codes)
-        return self.objective(x, x_hat, codes, (codes > 0).any(dim=1), pre, lambda latents: pre.gather(-1, latents))
+        nonzero = codes > 0
+        self.note_density(nonzero.sum(), nonzero.numel())
+        return self.objective(x, x_hat, self.penalty(codes), nonzero.any(dim=1), pre, lambda at: at.gather(pre))
 
     def sparse_training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{self.name} has no sparse training path")
 
-    def objective(self, x, x_hat, codes, fired, pre, pick) -> tuple[torch.Tensor, torch.Tensor]:
-        """`training_loss`'s result from either path: `codes` are what `penalty` sums ([G, B, m] dense or
-        [G, B, n] kept values), `fired` [G, m] which latents fired in this batch."""
+    # fraction of the last training batch's codes that were non-zero: read every step where that costs
+    # no wait (CPU), else at logging intervals (`on_log`); relu-l1 chooses its path by it
+    density: float = 1.0
+
+    def note_density(self, nonzero, total: int) -> None:
+        self._density = nonzero
+        self._density_total = total
+        if isinstance(nonzero, int) or (nonzero.device.type == "cpu" and not torch.compiler.is_compiling()):
+            self.density = int(nonzero) / total
+
+    def objective(self, x, x_hat, penalty, fired, pre, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """`training_loss`'s result from either path: `penalty` [G] the sparsity term, `fired` [G, m]
+        which latents fired in this batch; `pre`, `pick` as `auxiliary_loss` takes them."""
         with torch.no_grad():
             self.train_steps.add_(1)
             self.last_fired.copy_(torch.where(fired, self.train_steps, self.last_fired))
-        loss = self.losses(x, x_hat, codes)["loss"]
+        loss = (x_hat.float() - x).pow(2).sum(-1).mean(-1) + penalty  # as `losses`
         aux = self.auxiliary_loss(x, x_hat, fired, pre, pick)
         total = loss.sum() if aux is None else (loss + aux).sum()
         return total, loss.detach()
@@ -302,6 +314,8 @@ class SAE(torch.nn.Module):
 
     def on_log(self) -> None:
         """Called at logging intervals (where the host may synchronise); for slow-changing state."""
+        if getattr(self, "_density", None) is not None:
+            self.density = int(self._density) / self._density_total
 
     # -- export ----------------------------------------------------------------------------------
 
@@ -342,6 +356,31 @@ class ReluL1(SAE):
         if self.options.l1_reduction == "mean":
             l1 = l1 / self.size
         return self.sparsity * l1
+
+    # Measured crossover (benchmarks/bench_sparse.py): see sparse_pays
+    SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 16
+
+    def sparse_pays(self):
+        """Sparse once the last batch's codes were sparse enough (L0/m): early in training, with about
+        half the latents on, the dense path is faster."""
+        return self.density <= self.SPARSE_MAX_DENSITY
+
+    def sparse_training_loss(self, x):
+        """The training step on the positive codes only, after the dense encoder matmul (kernels.py)."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            codes = SparseCodes.from_mask(pre > 0)
+        self.note_density(codes.latents.numel(), pre.numel())
+
+        def pick(at):
+            return gather_linear(x[None], self.encoder, self.encoder_bias, pre, at)
+
+        values = pick(codes)  # all positive: the ReLU passes them (and their gradient) unchanged
+        x_hat = sparse_decode(values, codes, self.decoder, self.decoder_bias)
+        l1 = codes.per_member_sum(values.float()) / x.shape[0]
+        if self.options.l1_reduction == "mean":
+            l1 = l1 / self.size
+        return self.objective(x, x_hat, self.sparsity * l1, codes.fired(values.detach()), pre, pick)
 
 
 class TopK(SAE):
@@ -398,23 +437,21 @@ class TopK(SAE):
         return self.k_max <= self.SPARSE_MAX_FRACTION * self.size
 
     def sparse_training_loss(self, x):
-        """The training step on (values, latents): dense encoder matmul only (kernels.py)."""
+        """The training step on the kept latents only, after the dense encoder matmul (kernels.py)."""
         centred = x[None] - self.decoder_bias[:, None, :]
         with torch.no_grad():
             pre = torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
-            _, index = self.top_latents(pre.relu())
+            codes = SparseCodes.from_top(self.top_latents(pre.relu())[1], self.size)
 
-        def pick(latents):
-            return gather_linear(centred, self.encoder, self.encoder_bias, pre, latents)
+        def pick(at):
+            return gather_linear(centred, self.encoder, self.encoder_bias, pre, at)
 
-        values = pick(index).relu()
+        values = pick(codes).relu()
         if len(set(self.ks)) > 1:
-            values = values * self.rank_mask
-        x_hat = sparse_decode(values, index, self.decoder, self.decoder_bias)
-        with torch.no_grad():
-            fired = torch.zeros(pre.shape[0], self.size, device=x.device)
-            fired = fired.scatter_add_(-1, index.flatten(1), (values > 0).flatten(1).float()) > 0
-        return self.objective(x, x_hat, values, fired, pre, pick)
+            values = values * self.rank_mask.expand(-1, x.shape[0], -1).reshape(-1)
+        x_hat = sparse_decode(values, codes, self.decoder, self.decoder_bias)
+        penalty = torch.zeros(pre.shape[0], device=x.device)
+        return self.objective(x, x_hat, penalty, codes.fired(values.detach()), pre, pick)
 
     def auxiliary_loss(self, x, x_hat, fired, pre, pick):
         with torch.no_grad():
@@ -424,14 +461,16 @@ class TopK(SAE):
         dead = (self.rows_since_fired >= self.options.auxk_dead_rows)[:, None, :]
         with torch.no_grad():
             index = (pre.detach().relu() * dead).topk(self.k_aux, dim=-1, sorted=False).indices
+            alive = dead.expand(-1, x.shape[0], -1).gather(-1, index).reshape(-1)
         # the k_aux largest dead pre-activations (0 where fewer are positive), decoded without the bias
-        values = pick(index).relu() * dead.expand(-1, index.shape[1], -1).gather(-1, index)
-        e_hat = sparse_decode(values, index, self.decoder)
+        at = SparseCodes.from_top(index, self.size)
+        e_hat = sparse_decode(pick(at).relu() * alive, at, self.decoder)
         e = (x - x_hat).detach().float()
         aux = (e_hat.float() - e).pow(2).sum(-1).mean(-1) / e.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
         return self.options.auxk_alpha * aux
 
     def on_log(self) -> None:
+        super().on_log()
         self.auxk_active = bool((self.rows_since_fired >= self.options.auxk_dead_rows).any())
 
     def get_extra_state(self):

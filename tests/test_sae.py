@@ -237,3 +237,29 @@ def test_topk_switches_to_the_sparse_path_where_it_pays():
     assert TopK(32, 1536, [32], [0], SAEOptions()).use_sparse()
     assert not TopK(32, 64, [32], [0], SAEOptions()).use_sparse()
     assert not ReluL1(32, 64, [0.1], [0], SAEOptions()).use_sparse()
+
+
+@pytest.mark.parametrize("options", [{}, {"decoder_bias": False, "l1_reduction": "mean"}])
+def test_relu_l1_sparse_path_gives_the_dense_loss_and_gradients(options):
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(5))
+
+    def fewer_active(sae):  # a negative encoder bias: about a tenth of the codes positive
+        with torch.no_grad():
+            sae.encoder_bias.fill_(-1.3)
+
+    _paths_agree(lambda: ReluL1(32, 96, [0.1, 0.4], [0, 1], ReluL1Options(**options)), x, fewer_active)
+
+
+def test_relu_l1_takes_the_sparse_path_once_its_codes_are_sparse():
+    sae = ReluL1(32, 96, [0.1], [0], SAEOptions())
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(6))
+    assert not sae.use_sparse()  # nothing measured yet
+    sae.training_loss(x)
+    assert sae.density == pytest.approx(float((sae.encode(x) > 0).float().mean()))
+    assert sae.density > 0.3 and not sae.use_sparse()  # about half the latents on at initialisation
+    with torch.no_grad():
+        sae.encoder_bias.fill_(-2.5)
+    sae.training_loss(x)
+    assert 0 < sae.density < ReluL1.SPARSE_MAX_DENSITY and sae.use_sparse()
+    sae.training_loss(x)  # the sparse path measures the density too
+    assert sae.density == pytest.approx(float((sae.encode(x) > 0).float().mean()))
