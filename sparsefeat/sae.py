@@ -357,7 +357,8 @@ class ReluL1(SAE):
             l1 = l1 / self.size
         return self.sparsity * l1
 
-    # Measured crossover (benchmarks/bench_sparse.py): see sparse_pays
+    # Measured (benchmarks/bench_sparse.py, RESULTS.md 2026-12-02): sparse faster up to L0/m = 0.12 at
+    # m=6144 and 0.06 at m=1536, slower from 0.25 (0.12 at m=1536); switch below the smaller
     SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 16
 
     def sparse_pays(self):
@@ -429,8 +430,9 @@ class TopK(SAE):
             values = values * self.rank_mask
         return values, index
 
-    # Measured crossover (benchmarks/bench_sparse.py, 2 CPU cores, d=384, batch 4096): the sparse step
-    # was faster at every k/m up to 1/12 (k=128 of m=1536) and the dense one from about k/m = 1/4.
+    # Measured (benchmarks/bench_sparse.py, 2 shared CPU cores, d=384, batch 4096; RESULTS.md 2026-12-02):
+    # the sparse step was faster at every k/m tried, up to 1/12 (k=128 of m=1536: 1.3x; k/m 1/192: 4.2x);
+    # relu-l1's sparse step (the same kernels) lost from L0/m = 1/4 at m=6144 and from 1/8 at m=1536.
     SPARSE_MAX_FRACTION: ClassVar[float] = 1 / 8
 
     def sparse_pays(self):
