@@ -484,5 +484,5 @@ class TopK(SAE):
 
 def architecture(name: str) -> type[SAE]:
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+        raise ConfigError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
     return ARCHITECTURES[name]
