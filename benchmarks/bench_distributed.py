@@ -1,4 +1,5 @@
-"""Scale-out on one machine: a sweep's members across 2 processes, and the harvest's shard merge vs a VDS.
+"""Scale-out on one machine: a sweep's members across 2 processes, one dictionary data-parallel (--ddp)
+on 2 processes, and the harvest's shard merge vs a VDS.
 
     .venv/bin/python benchmarks/bench_distributed.py [--repeats 2] [--steps 300] [--merge-rows 200000]
 
@@ -7,7 +8,10 @@
    default) and as `python -m sparsefeat sweep` with 2 threads (OMP_NUM_THREADS=2), alternating over
    the repeats so that load from other processes hits both alike. Printed: each wall time and the
    ratio single / distributed of their totals (> 1: the two processes are faster).
-2. Shards into one store (the harvest's last step): the crash-safe merge (`merge_shards`: a copy
+2. One dictionary data-parallel: one 16x dictionary (d=64, 1024 latents, batch 1024) as
+   `torchrun --nproc-per-node 2 -m sparsefeat sweep ... --ddp` (each rank 512 rows per step, gradients
+   averaged by DDP over gloo) against one process with 2 threads and with 1 thread, alternating.
+3. Shards into one store (the harvest's last step): the crash-safe merge (`merge_shards`: a copy
    through `StoreWriter`, checksums of the whole computed as it writes) against an HDF5 virtual
    dataset over the shards plus the checksum pass a single store needs anyway (chunk-aligned blocks
    straddle the shard boundaries, so the shards' checksums do not carry over), and the time of one
@@ -38,10 +42,11 @@ from sparsefeat.toys import write_toy  # noqa: E402
 SIZES = "0.5x,1x,2x,4x,8x,16x"
 
 
-def sweep_command(store: Path, out: Path, steps: int, ranks: int, threads: int = 2) -> tuple[list[str], dict]:
-    args = ["sweep", str(store), "--out", str(out), "--sizes", SIZES, "--seeds", "0,1", "--steps", str(steps),
+def sweep_command(store: Path, out: Path, steps: int, ranks: int, threads: int = 2, sizes: str = SIZES,
+                  seeds: str = "0,1", extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    args = ["sweep", str(store), "--out", str(out), "--sizes", sizes, "--seeds", seeds, "--steps", str(steps),
             "--batch-size", "1024", "--log-every", "50", "--checkpoint-every", "0", "--device", "cpu",
-            "--no-progress", "--force"]
+            "--no-progress", "--force", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1",
                OMP_NUM_THREADS="1" if ranks > 1 else str(threads))
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m"] if ranks > 1 \
@@ -67,6 +72,22 @@ def bench_members(tmp: Path, repeats: int, steps: int) -> None:
         print(f"  repeat {r + 1}: one process x 2 threads {single[-1]:.1f} s, "
               f"2 processes x 1 thread {two[-1]:.1f} s, one process x 1 thread {one_thread[-1]:.1f} s", flush=True)
     print(f"members across ranks ({SIZES}, 2 seeds, {steps} steps, end to end): "
+          f"speed-up {sum(single) / sum(two):.2f}x (one process 2 threads / 2 processes); "
+          f"{sum(one_thread) / sum(two):.2f}x against one process with 1 thread")
+
+
+def bench_ddp(tmp: Path, repeats: int, steps: int) -> None:
+    store = write_toy("sparse", tmp / "toy_ddp.h5", n_samples=40_000, n_features=256, d=64, progress=False)
+    one = dict(sizes="16x", seeds="0")
+    single, two, one_thread = [], [], []
+    for r in range(repeats):  # alternating: shared-core load hits all alike
+        single.append(timed(*sweep_command(store, tmp / "one.h5", steps, 1, **one)))
+        two.append(timed(*sweep_command(store, tmp / "ddp.h5", steps, 2, extra=("--ddp",), **one)))
+        one_thread.append(timed(*sweep_command(store, tmp / "one1.h5", steps, 1, threads=1, **one)))
+        print(f"  repeat {r + 1}: one process x 2 threads {single[-1]:.1f} s, "
+              f"--ddp 2 processes x 1 thread {two[-1]:.1f} s, one process x 1 thread {one_thread[-1]:.1f} s",
+              flush=True)
+    print(f"one 16x dictionary data-parallel (--ddp, {steps} steps, end to end): "
           f"speed-up {sum(single) / sum(two):.2f}x (one process 2 threads / 2 processes); "
           f"{sum(one_thread) / sum(two):.2f}x against one process with 1 thread")
 
@@ -160,12 +181,15 @@ def main() -> None:
     ap.add_argument("--merge-rows", type=int, default=200_000)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--skip-ddp", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_merge:
             bench_merge(Path(tmp), args.merge_rows, args.repeats)
         if not args.skip_sweep:
             bench_members(Path(tmp), args.repeats, args.steps)
+        if not args.skip_ddp:
+            bench_ddp(Path(tmp), args.repeats, args.steps)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,10 @@ class SweepCommand(Command):
             if cls.Options is not SAEOptions:
                 add_config_args(p, cls.Options, skip=shared, group=f"{name} options")
         p.add_argument("--json", action="store_true", help="print the summary (one row per member and split) as JSON")
+        # --ddp (distributed.py): under torchrun, every step shared by the ranks instead of members divided
+        p.add_argument("--ddp", action="store_true",
+                       help="under torchrun: train the whole sweep data-parallel (DistributedDataParallel); "
+                            "--batch-size stays the global batch, each of N processes trains on 1/N of it")
         add_common_flags(p, resume="continue a killed sweep from its checkpoint",
                          force="overwrite existing results or an old checkpoint",
                          progress="show the start-up line (members, memory estimate) and a progress bar")
@@ -316,7 +320,11 @@ class SweepCommand(Command):
         from .train import SweepConfig, train_sweep
         from . import distributed
         config = config_from_args(SweepConfig, args, model=self.model_options(args))
-        run = distributed.sweep if distributed.launched() else train_sweep  # under torchrun: members across ranks
+        if args.ddp and not distributed.under_torchrun():
+            raise distributed.DistributedError("--ddp trains across the processes torchrun starts; run "
+                                               "`torchrun --nproc-per-node N -m sparsefeat sweep ... --ddp`")
+        # under torchrun: every step shared (--ddp), else members across ranks
+        run = distributed.ddp_sweep if args.ddp else distributed.sweep if distributed.launched() else train_sweep
         path = run(args.store, config, args.out, resume=args.resume, force=args.force, progress=args.progress)
         if path is None:  # a rank other than 0: rank 0 reports
             return 0

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SparsefeatError
+from .errors import ConfigError, SparsefeatError
 from .fit import CurveFit, Estimate, FitComparison, compare_fits, fit_loss_curve
 from .metrics import hungarian_match
 from .results import json_ready
@@ -76,17 +76,17 @@ class CountConfig:
     def __post_init__(self):
         for name in ("match_floor", "merge_floor"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 < self.random_quantile < 1.0:
-            raise ValueError(f"random_quantile must be in (0, 1), got {self.random_quantile}")
+            raise ConfigError(f"random_quantile must be in (0, 1), got {self.random_quantile}")
         if not 0.5 <= self.confidence < 1.0:
-            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+            raise ConfigError(f"confidence must be in [0.5, 1), got {self.confidence}")
         if not 0.0 < self.knee_gain < 1.0:
-            raise ValueError(f"knee_gain must be in (0, 1), got {self.knee_gain}")
+            raise ConfigError(f"knee_gain must be in (0, 1), got {self.knee_gain}")
         if not 0.0 < self.collapse_fvu:
-            raise ValueError(f"collapse_fvu must be positive, got {self.collapse_fvu}")
+            raise ConfigError(f"collapse_fvu must be positive, got {self.collapse_fvu}")
         if self.bootstrap < 10:
-            raise ValueError(f"bootstrap must be at least 10, got {self.bootstrap}")
+            raise ConfigError(f"bootstrap must be at least 10, got {self.bootstrap}")
 
 
 # --------------------------------------------------------------------------------------------

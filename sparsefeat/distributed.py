@@ -3,9 +3,12 @@
     torchrun --nproc-per-node 2 -m sparsefeat harvest ... --out STORE.h5
     torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5
 
+    torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5 --ddp
+
 Each process (rank) finds its rank and the world from torchrun's environment; the process group uses
-NCCL where a rank has a GPU of its own and gloo on CPU. Nothing here moves gradients: the work is
-divided so that every rank computes exactly what a single process would for its share.
+NCCL where a rank has a GPU of its own and gloo on CPU. Harvests and the default sweep move no
+gradients: the work is divided so that every rank computes exactly what a single process would for
+its share. `--ddp` shares every step instead (below).
 
 - Harvest: rank 0 plans the single-process run's document blocks (tokenizing only: the block
   boundaries and `--max-tokens` depend on token counts, not on activations) and gives each rank a
@@ -17,9 +20,14 @@ divided so that every rank computes exactly what a single process would for its 
   balanced by cost (latents × members, greedy longest-processing-time first); every rank streams the
   same batches, so each member trains exactly as in one process. Rank 0 gathers the evaluations,
   weights and curves and writes the one results file (cross-member signals over all members).
+- Sweep (`--ddp`, data-parallel): every rank holds the whole sweep and trains on rows r::world of each
+  global batch; DistributedDataParallel averages the gradients, so every rank takes the same step,
+  that of one process on the whole batch (up to float summation order). Rank 0 writes the
+  checkpoint, evaluates and writes the results file.
 
 Resume is per rank: each shard and each rank's checkpoint resumes by itself, so a rerun with
-`--resume` and the same number of processes continues wherever each rank stopped.
+`--resume` and the same number of processes continues wherever each rank stopped. (`--ddp` writes one
+checkpoint of the global state, which any number of ranks can resume.)
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from .errors import SparsefeatError
+from .errors import ConfigError, SparsefeatError
 from .files import WriterLock, check_output
+from .train import Sweep
 
 # Ranks wait for each other at a few points (the slowest shard, the slowest share of a sweep), which
 # can take hours; torchrun ends every rank when one dies, so a waiting rank never waits for nothing.
@@ -418,15 +428,17 @@ def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resu
             parts = gather(part)
             path = None
             if w.is_main:
-                evals, weights = {}, {}
+                evals, weights, training, last_fired = {}, {}, {}, {}
                 for p in parts:
                     evals.update(p.get("evals", {}))
                     weights.update(p.get("weights", {}))
+                    training.update(p.get("training", {}))
+                    last_fired.update(p.get("last_fired", {}))
                     run.curves.update(p.get("curves", {}))
                 # members in the sweep's order, as a single process lists them
                 evals = {s.id: evals[s.id] for s in specs}
                 weights = {s.id: weights[s.id] for s in specs}
-                path = run.write_results(evals, weights)
+                path = run.write_results(evals, weights, training, last_fired)
             barrier()  # the results are written: the checkpoints are no longer needed
             if run is not None:
                 run.ckpt.unlink(missing_ok=True)
@@ -436,4 +448,174 @@ def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resu
 def _train_share(run) -> dict:
     run.train()
     evals = run.evaluate()
-    return dict(evals=evals, weights=run.member_weights(), curves={s.id: run.curves[s.id] for s in run.trained})
+    # each member's training record (stops, dead latents, resamplings) and firing steps are its rank's
+    return dict(evals=evals, weights=run.member_weights(), curves={s.id: run.curves[s.id] for s in run.trained},
+                training=run.training_records(evals), last_fired=run.last_fired())
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep: one sweep data-parallel (--ddp)
+# --------------------------------------------------------------------------------------------
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (any world size, one included)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_ddp(config, w: World) -> None:
+    """Settings a data-parallel sweep refuses, each with its one line."""
+    if config.batch_size % w.size:
+        raise ConfigError(f"--ddp: the global --batch-size {config.batch_size} must divide evenly among the "
+                          f"{w.size} processes (each trains on batch-size / processes rows per step)")
+    if config.compile:
+        raise ConfigError("--ddp: --compile is not supported with DistributedDataParallel here; leave it off")
+
+
+class _TrainingLoss(torch.nn.Module):
+    """A stack's training loss as a module's forward, which is what DistributedDataParallel wraps: its
+    backward then averages the stack's gradients over the ranks."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x):
+        return self.stack.training_loss(x)
+
+
+def state_digest(stacks) -> str:
+    """A hash of every parameter and buffer of the stacks, bit for bit (to check ranks stay in sync)."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for st in stacks:
+        for name, t in st.state_dict().items():
+            if isinstance(t, torch.Tensor):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_in_sync(stacks, step: int) -> None:
+    """Refuse to go on when a rank's weights differ from rank 0's (they must stay bit-identical: the same
+    averaged gradients, the same unit-norm projection and Adam step on every rank)."""
+    if not dist.is_initialized():
+        return
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, state_digest(stacks))
+    apart = [k for k, d in enumerate(digests) if d != digests[0]]
+    if apart:
+        raise DistributedError(f"--ddp: the weights of rank {apart[0]} differ from rank 0's at step {step} "
+                               "(ranks out of sync); the last checkpoint is kept")
+
+
+def _data_parallel(module, device_ids) -> DistributedDataParallel:
+    """DDP without buffer syncing at each forward: the firing counters are reduced after each step
+    (DataParallelSweep._reduce_firing), not overwritten with rank 0's. (At construction DDP copies
+    rank 0's parameters and buffers to every rank: the same as each rank's own, seeded or resumed.)"""
+    try:
+        return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+    except TypeError:  # torch before 2.13 names it broadcast_buffers
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+class DataParallelSweep(Sweep):
+    """A `Sweep` whose every step is shared by the ranks: rank r trains on rows r::world of each
+    global batch, DistributedDataParallel averages the gradients (so a step equals one process's
+    step on the whole batch, up to float summation order), and every rank then applies the same
+    unit-norm projection and Adam step. Firing counters and logged losses are reduced over the
+    ranks so that dead latents, resampling, curves and steps=auto stops agree everywhere. Rank 0
+    alone writes checkpoints (which hold the global state: any number of ranks can resume them)."""
+
+    def __init__(self, store, config, out, *, world: World, **kw):
+        self.world = world
+        super().__init__(store, config, out, **kw)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._step_fns = [_data_parallel(_TrainingLoss(st), ids) for st in self.stacks]
+
+    def startup_line(self) -> str:
+        w = self.world
+        return (f"{super().startup_line()}; data-parallel over {w.size} ranks, "
+                f"{self.config.batch_size // w.size} rows of each batch of {self.config.batch_size} per rank")
+
+    def _stream(self):
+        w = self.world
+        return (batch[w.rank::w.size] for batch in super()._stream())
+
+    def step_on(self, batch):
+        losses = super().step_on(batch)
+        self._reduce_firing([i for i, loss in enumerate(losses) if loss is not None])
+        return losses
+
+    @torch.no_grad()
+    def _reduce_firing(self, live: list[int]) -> None:
+        """last_fired over all ranks' rows (the latest step a latent fired on any rank), and topk's
+        rows_since_fired recomputed from it in global rows (single-process: B × steps since fired)."""
+        if not live:
+            return
+        last = torch.cat([self.stacks[i].last_fired.flatten() for i in live])
+        dist.all_reduce(last, op=dist.ReduceOp.MAX)
+        for i, part in zip(live, last.split([self.stacks[i].last_fired.numel() for i in live])):
+            st = self.stacks[i]
+            st.last_fired.copy_(part.view_as(st.last_fired))
+            if hasattr(st, "rows_since_fired"):
+                st.rows_since_fired.copy_((st.train_steps - st.last_fired) * self.config.batch_size)
+
+    def _log(self, pending, bar) -> None:
+        """Each step's per-member losses averaged over the ranks (each rank's is the mean over its
+        rows, so the average is the mean over the global batch) before they are checked and logged."""
+        flat = [loss for step in pending for loss in step if loss is not None]
+        if flat:
+            total = torch.cat(flat)
+            dist.all_reduce(total)
+            total /= self.world.size
+            parts = iter(total.split([loss.numel() for loss in flat]))
+            pending = [[None if loss is None else next(parts) for loss in step] for step in pending]
+        super()._log(pending, bar)
+
+    def save_checkpoint(self) -> None:
+        check_in_sync(self.stacks, self.step)
+        if self.world.is_main:
+            super().save_checkpoint()
+        else:
+            self.checkpoint_step = self.step
+
+
+def ddp_sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resume: bool = False,
+              force: bool = False, progress: bool = True) -> Path | None:
+    """`train.train_sweep` with every step shared by torchrun's ranks (`--ddp`): `config.batch_size` stays
+    the global batch, each rank training on its rows r::world of it, so the run equals a single process
+    with the same batch up to float summation order. Checkpoints (`OUT.ckpt`, the single process's) are
+    written by rank 0; rank 0 evaluates and writes the results file. Returns its path on rank 0, None
+    elsewhere."""
+    from .results import ResultsError
+    from .store import ActivationStore
+    from .train import checkpoint_path, remove_stale_temporaries
+    out = check_output(out, force=True, inputs=[store_path])
+    if out.exists() and not force:
+        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
+            "already exists; pass --force to overwrite it"
+        raise ResultsError(f"{out}: {hint}")
+    w = world()
+    check_ddp(config, w)
+    with session(config.device) as w:
+        lock = WriterLock(out, what="results file") if w.is_main else contextlib.nullcontext()
+        with lock, ActivationStore(store_path) as store:
+            if w.is_main:
+                remove_stale_temporaries(out)
+                if force and not resume:  # here, not in every rank's Sweep: one rank deletes it
+                    checkpoint_path(out).unlink(missing_ok=True)
+            barrier()
+            run = DataParallelSweep(store, config, out, world=w, resume=resume, force=force,
+                                          progress=progress and w.is_main)
+            if progress and w.is_main:
+                print(run.startup_line(), file=sys.stderr)
+            run.train()
+            check_in_sync(run.stacks, run.step)
+            path = None
+            if w.is_main:  # the weights are the same on every rank: rank 0 evaluates them alone
+                path = run.write_results(run.evaluate())
+            barrier()  # the results are written: the checkpoint is no longer needed
+            if w.is_main:
+                run.ckpt.unlink(missing_ok=True)
+            return path

@@ -324,6 +324,9 @@ def _warnings(b: float, logy: np.ndarray, fitted_log: np.ndarray, row_curves: np
     noise of each point only, not how well training converged: a curve that zigzags with
     optimisation noise, or drops in one step and stays flat, gets a tight but meaningless interval."""
     out = []
+    if len(logy) <= MIN_SIZES:  # as many sizes as parameters: the curve is matched exactly
+        out.append(f"{len(logy)} sizes for 3 parameters: the fit passes through every point, so its "
+                   "intervals say nothing about the shape; sweep at least 5 sizes to read b and c")
     if b >= STEP_EXPONENT:
         out.append(f"exponent {b:.3g}: the curve drops in one step and stays flat, not as a power law")
     if row_curves is not None and row_curves.shape[0] > 1 and np.all(row_curves > 0):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .kernels import SparseCodes, gather_linear, sparse_decode
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
@@ -231,21 +232,60 @@ class SAE(torch.nn.Module):
         penalty = self.penalty(codes)
         return dict(mse=mse, penalty=penalty, loss=mse + penalty)
 
-    def auxiliary_loss(self, x, x_hat, pre, codes) -> torch.Tensor | None:
+    def auxiliary_loss(self, x, x_hat, fired, pre, pick) -> torch.Tensor | None:
         """Training-only extra terms (e.g. AuxK), per member; None when there are none. Called once per
-        training step, so it may also update training-time state (topk's dead-latent counters)."""
+        training step, so it may also update training-time state (topk's dead-latent counters).
+        `fired` [G, m]: latents that fired in this batch; `pre` [G, B, m]: the pre-activations (without
+        autograd on the sparse path); `pick(codes: SparseCodes)`: the pre-activations at those
+        entries [N], differentiable in the encoder on either path."""
         return None
+
+    # which path `training_loss` takes: "auto" (sparse where `sparse_pays` says so), "dense" or "sparse";
+    # not an option, since both give the same numbers to float tolerance (tests/test_sae.py)
+    kernel: str = "auto"
+
+    def sparse_pays(self) -> bool:
+        """Whether the sparse training path (kernels.py) is faster here; False where there is none."""
+        return False
+
+    def use_sparse(self) -> bool:
+        if self.kernel == "auto":
+            # torch.compile traces the dense path: its graphs do not take sparse COO tensors
+            return self.sparse_pays() and not torch.compiler.is_compiling()
+        return self.kernel == "sparse"
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over members of the training loss, to backpropagate; detached objective per member)."""
+        if self.use_sparse():
+            return self.sparse_training_loss(x)
         pre = self.pre_activations(x)
         codes = self.activation(pre)
         x_hat = self.decode(codes)
+        nonzero = codes > 0
+        self.note_density(nonzero.sum(), nonzero.numel())
+        return self.objective(x, x_hat, self.penalty(codes), nonzero.any(dim=1), pre, lambda at: at.gather(pre))
+
+    def sparse_training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{self.name} has no sparse training path")
+
+    # fraction of the last training batch's codes that were non-zero: read every step where that costs
+    # no wait (CPU), else at logging intervals (`on_log`); relu-l1 chooses its path by it
+    density: float = 1.0
+
+    def note_density(self, nonzero, total: int) -> None:
+        self._density = nonzero
+        self._density_total = total
+        if isinstance(nonzero, int) or (nonzero.device.type == "cpu" and not torch.compiler.is_compiling()):
+            self.density = int(nonzero) / total
+
+    def objective(self, x, x_hat, penalty, fired, pre, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """`training_loss`'s result from either path: `penalty` [G] the sparsity term, `fired` [G, m]
+        which latents fired in this batch; `pre`, `pick` as `auxiliary_loss` takes them."""
         with torch.no_grad():
             self.train_steps.add_(1)
-            self.last_fired.copy_(torch.where((codes > 0).any(dim=1), self.train_steps, self.last_fired))
-        loss = self.losses(x, x_hat, codes)["loss"]
-        aux = self.auxiliary_loss(x, x_hat, pre, codes)
+            self.last_fired.copy_(torch.where(fired, self.train_steps, self.last_fired))
+        loss = (x_hat.float() - x).pow(2).sum(-1).mean(-1) + penalty  # as `losses`
+        aux = self.auxiliary_loss(x, x_hat, fired, pre, pick)
         total = loss.sum() if aux is None else (loss + aux).sum()
         return total, loss.detach()
 
@@ -274,6 +314,8 @@ class SAE(torch.nn.Module):
 
     def on_log(self) -> None:
         """Called at logging intervals (where the host may synchronise); for slow-changing state."""
+        if getattr(self, "_density", None) is not None:
+            self.density = int(self._density) / self._density_total
 
     # -- export ----------------------------------------------------------------------------------
 
@@ -315,6 +357,32 @@ class ReluL1(SAE):
             l1 = l1 / self.size
         return self.sparsity * l1
 
+    # Measured (benchmarks/bench_sparse.py, RESULTS.md 2026-12-02): sparse faster up to L0/m = 0.12 at
+    # m=6144 and 0.06 at m=1536, slower from 0.25 (0.12 at m=1536); switch below the smaller
+    SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 16
+
+    def sparse_pays(self):
+        """Sparse once the last batch's codes were sparse enough (L0/m): early in training, with about
+        half the latents on, the dense path is faster."""
+        return self.density <= self.SPARSE_MAX_DENSITY
+
+    def sparse_training_loss(self, x):
+        """The training step on the positive codes only, after the dense encoder matmul (kernels.py)."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            codes = SparseCodes.from_mask(pre > 0)
+        self.note_density(codes.latents.numel(), pre.numel())
+
+        def pick(at):
+            return gather_linear(x[None], self.encoder, self.encoder_bias, pre, at)
+
+        values = pick(codes)  # all positive: the ReLU passes them (and their gradient) unchanged
+        x_hat = sparse_decode(values, codes, self.decoder, self.decoder_bias)
+        l1 = codes.per_member_sum(values.float()) / x.shape[0]
+        if self.options.l1_reduction == "mean":
+            l1 = l1 / self.size
+        return self.objective(x, x_hat, self.sparsity * l1, codes.fired(values.detach()), pre, pick)
+
 
 class TopK(SAE):
     """Gao et al. (2024): z = TopK(ReLU(W_e (x − b) + b_e)), x̂ = W_d z + b, loss = MSE (+ AuxK).
@@ -350,25 +418,61 @@ class TopK(SAE):
         return torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
 
     def activation(self, pre):
-        same_k = len(set(self.ks)) == 1
-        values, index = pre.relu().topk(self.k_max, dim=-1, sorted=not same_k)
-        if not same_k:
-            values = values * self.rank_mask
+        values, index = self.top_latents(pre.relu())
         return torch.zeros_like(pre).scatter_(-1, index, values)
 
-    def auxiliary_loss(self, x, x_hat, pre, codes):
+    def top_latents(self, pre_relu):
+        """The kept (values, latents) [G, B, k_max] of ReLU'd pre-activations; ranks past a member's k
+        hold value 0."""
+        same_k = len(set(self.ks)) == 1
+        values, index = pre_relu.topk(self.k_max, dim=-1, sorted=not same_k)
+        if not same_k:
+            values = values * self.rank_mask
+        return values, index
+
+    # Measured (benchmarks/bench_sparse.py, 2 shared CPU cores, d=384, batch 4096; RESULTS.md 2026-12-02):
+    # the sparse step was faster at every k/m tried, up to 1/12 (k=128 of m=1536: 1.3x; k/m 1/192: 4.2x);
+    # relu-l1's sparse step (the same kernels) lost from L0/m = 1/4 at m=6144 and from 1/8 at m=1536.
+    SPARSE_MAX_FRACTION: ClassVar[float] = 1 / 8
+
+    def sparse_pays(self):
+        return self.k_max <= self.SPARSE_MAX_FRACTION * self.size
+
+    def sparse_training_loss(self, x):
+        """The training step on the kept latents only, after the dense encoder matmul (kernels.py)."""
+        centred = x[None] - self.decoder_bias[:, None, :]
         with torch.no_grad():
-            self.rows_since_fired.add_(x.shape[0]).masked_fill_((codes > 0).any(dim=1), 0)
+            pre = torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
+            codes = SparseCodes.from_top(self.top_latents(pre.relu())[1], self.size)
+
+        def pick(at):
+            return gather_linear(centred, self.encoder, self.encoder_bias, pre, at)
+
+        values = pick(codes).relu()
+        if len(set(self.ks)) > 1:
+            values = values * self.rank_mask.expand(-1, x.shape[0], -1).reshape(-1)
+        x_hat = sparse_decode(values, codes, self.decoder, self.decoder_bias)
+        penalty = torch.zeros(pre.shape[0], device=x.device)
+        return self.objective(x, x_hat, penalty, codes.fired(values.detach()), pre, pick)
+
+    def auxiliary_loss(self, x, x_hat, fired, pre, pick):
+        with torch.no_grad():
+            self.rows_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
         if not self.auxk_active or self.options.auxk_alpha == 0:
             return None
         dead = (self.rows_since_fired >= self.options.auxk_dead_rows)[:, None, :]
-        values, index = (pre.relu() * dead).topk(self.k_aux, dim=-1, sorted=False)
-        e_hat = torch.bmm(torch.zeros_like(pre).scatter_(-1, index, values), self.decoder)
+        with torch.no_grad():
+            index = (pre.detach().relu() * dead).topk(self.k_aux, dim=-1, sorted=False).indices
+            alive = dead.expand(-1, x.shape[0], -1).gather(-1, index).reshape(-1)
+        # the k_aux largest dead pre-activations (0 where fewer are positive), decoded without the bias
+        at = SparseCodes.from_top(index, self.size)
+        e_hat = sparse_decode(pick(at).relu() * alive, at, self.decoder)
         e = (x - x_hat).detach().float()
         aux = (e_hat.float() - e).pow(2).sum(-1).mean(-1) / e.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
         return self.options.auxk_alpha * aux
 
     def on_log(self) -> None:
+        super().on_log()
         self.auxk_active = bool((self.rows_since_fired >= self.options.auxk_dead_rows).any())
 
     def get_extra_state(self):
@@ -380,5 +484,5 @@ class TopK(SAE):
 
 def architecture(name: str) -> type[SAE]:
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+        raise ConfigError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
     return ARCHITECTURES[name]

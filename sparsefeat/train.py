@@ -200,7 +200,8 @@ class Sweep:
     @property
     def finished(self) -> bool:
         """Every size has stopped (steps=auto: converged or at max_steps; fixed: at the last step)."""
-        return self.step >= self.total_steps or len(self.stopped) == len({s.size for s in self.specs})
+        # only the sizes this process trains: under torchrun a rank with its own members stops when they have
+        return self.step >= self.total_steps or len(self.stopped) == len({s.size for s in self.trained})
 
     def active(self, i: int) -> bool:
         """Whether stack i still trains (its size has not stopped)."""
@@ -244,8 +245,8 @@ class Sweep:
         resampled = [s for s in self.resample_steps if s <= self.step]
         if self.step < cfg.min_steps or (resampled and self.step < max(resampled) + cfg.converge_window):
             return  # a resampling step disturbs the loss: judge only a whole window after the last one
-        for size in sorted({s.size for s in self.specs} - set(self.stopped)):
-            members = [s for s in self.specs if s.size == size]
+        for size in sorted({s.size for s in self.trained} - set(self.stopped)):
+            members = [s for s in self.trained if s.size == size]
             if all(held_out_converged(self.curves[s.id]["test"], self.step, cfg.converge_window,
                                       cfg.converge_tolerance) for s in members):
                 self.stopped[size] = (self.step, STOP_CONVERGED)
@@ -287,7 +288,7 @@ class Sweep:
                 self.resampled.append([int(self.step), i, g, len(latents)])
 
     def _stop_remaining(self, reason: str) -> None:
-        for size in {s.size for s in self.specs} - set(self.stopped):
+        for size in {s.size for s in self.trained} - set(self.stopped):
             self.stopped[size] = (self.step, reason)
 
     def stop_record(self, spec: MemberSpec) -> dict:
@@ -350,28 +351,38 @@ class Sweep:
         return {spec.id: st.member_weights(g) for st, specs in zip(self.stacks, self.stack_specs)
                 for g, spec in enumerate(specs)}
 
+    def training_records(self, evals: dict[str, dict[str, dict]]) -> dict[str, dict]:
+        """Per trained member id: how it stopped, its dead latents (never alive / died later), resamplings."""
+        last_fired, records = self.last_fired(), {}
+        for spec in self.trained:
+            dead = evals[spec.id]["test"]["frequency"] <= 0
+            records[spec.id] = dict(
+                self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
+                dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
+                resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
+        return records
+
     def write_results(self, evals: dict[str, dict[str, dict]],
-                      weights: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+                      weights: dict[str, dict[str, np.ndarray]] | None = None,
+                      training: dict[str, dict] | None = None, last_fired: dict[str, np.ndarray] | None = None) -> Path:
         """The results file: every member's record and arrays, the cross-member signals, the run.
-        `weights` (a distributed sweep: every rank's members) replaces this process's own."""
+        `weights`, `training` and `last_fired` (a distributed sweep: every rank's members) replace this
+        process's own."""
         weights = self.member_weights() if weights is None else weights
+        training = self.training_records(evals) if training is None else training
+        last_fired = self.last_fired() if last_fired is None else last_fired
         gt = self.store.ground_truth.get("features")
         alive = {sid: e["test"]["frequency"] > 0 for sid, e in evals.items()}
         thresholds = signal_thresholds()
         signals, per_member = cross_member_signals(self.specs, weights, gt, alive, thresholds)
         members, arrays = [], {}
-        last_fired = self.last_fired()
         for spec in self.specs:
             e = evals[spec.id]
-            dead = e["test"]["frequency"] <= 0
-            training = dict(self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
-                            dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
-                            resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
             curves = {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in self.curves[spec.id].items()}
             members.append(Member(id=spec.id, arch=spec.arch, dictionary_size=spec.size,
                                   sparsity_name=spec.sparsity_name, sparsity=spec.sparsity, seed=spec.seed,
                                   metrics={k: v["metrics"] for k, v in e.items()},
-                                  signals=per_member[spec.id], curves=curves, training=training))
+                                  signals=per_member[spec.id], curves=curves, training=training[spec.id]))
             arrays[spec.id] = MemberArrays(row_sse={k: v["row_sse"] for k, v in e.items()},
                                            frequency={k: v["frequency"] for k, v in e.items()},
                                            last_fired=last_fired[spec.id], **weights[spec.id])

@@ -230,3 +230,154 @@ def test_sweep_checkpoints_of_another_world_size_are_refused_unless_forced(tmp_p
         distributed._check_checkpoints(out, World(0, 2), force=False)
     distributed._check_checkpoints(out, World(0, 2), force=True)
     assert not other.exists() and mine.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep: one sweep data-parallel (--ddp)
+# --------------------------------------------------------------------------------------------
+
+# 200 steps, long enough for a rank to be killed between checkpoints. A strong L1 (test L0 of 1-3)
+# makes latents fire rarely, so the step each last fired differs between a rank's 32 rows and the whole
+# batch of 64: without the ranks reducing their firing counters the ranks drift apart (measured: caught
+# by the in-sync check at step 60) and last_fired differs from the single process's.
+DDP_SWEEP = ["--sizes", "0.5x,1x,2x", "--seeds", "0,1", "--l1", "10", "--steps", "200", "--batch-size", "64",
+             "--log-every", "10", "--test-curve-points", "2", "--test-curve-rows", "256", "--sample-rows", "2000",
+             "--checkpoint-every", "20", "--device", "cpu", "--no-progress"]
+
+# Two ranks × 32 rows against one process × 64 rows: the same steps, but each batch mean is summed in
+# another order (two sums of 32 averaged, not one of 64), a float32 rounding of ~1e-7 relative per step
+# that Adam (which divides by the root of the second moment) carries forward. Measured after 200 steps:
+# weights within 1.3e-6 (unit-norm rows), metrics within 5e-8; 1e-5 leaves room for other CPUs' kernels
+# and still fails on any real difference (one step more or less, a batch row lost, a missed resampling).
+DDP_TOLERANCE = 1e-5
+
+
+def h5_values(path: Path) -> dict:
+    """Every dataset's values and every attribute's value of an HDF5 file, by name, unconverted."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            for k, v in obj.attrs.items():
+                if k not in ("created", "completed"):
+                    out[f"{name}@{k}"] = v
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+        visit("", f)
+        f.visititems(visit)
+    return out
+
+
+def assert_close_contents(a: dict, b: dict, tol: float) -> None:
+    """Floats within `tol` (absolute and relative), everything else (counts, ids, text) exactly."""
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        for n in x.dtype.names or [None]:
+            xn, yn = (x, y) if n is None else (x[n], y[n])
+            if xn.dtype.kind == "f":
+                np.testing.assert_allclose(xn, yn, rtol=tol, atol=tol, err_msg=f"{k}.{n}")
+            else:
+                np.testing.assert_array_equal(xn, yn, err_msg=f"{k}.{n}")
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, sparse_toy) -> Path:
+    """An uninterrupted two-rank --ddp run."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp.h5"
+    done = ok(sparsefeat("sweep", sparse_toy, "--out", out, *DDP_SWEEP, "--ddp", ranks=2))
+    assert f"wrote {out}" in done.stdout
+    assert not Path(f"{out}.ckpt").exists()  # rank 0 removed the checkpoint
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_sweep_equals_a_single_process_with_the_same_global_batch(tmp_path, sparse_toy, ddp_reference):
+    one = tmp_path / "one.h5"
+    ok(sparsefeat("sweep", sparse_toy, "--out", one, *DDP_SWEEP))
+    two, single = h5_values(ddp_reference), h5_values(one)
+    assert_close_contents(two, single, DDP_TOLERANCE)
+    # last_fired (exact integers, compared above) is the whole batch's: some latents missed the last steps
+    last_fired = np.concatenate([v for k, v in single.items() if k.endswith("/last_fired")])
+    assert last_fired.size and (last_fired < 200).any() and last_fired.max() == 200
+    with h5py.File(one) as f:
+        assert len(f["members"]) == 6
+
+
+def _kill_rank_after_checkpoint(argv: list, out: Path, rank: int) -> None:
+    """Start a two-rank run, SIGKILL `rank`'s worker once the first checkpoint is on disk, wait for torchrun."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "sparsefeat",
+              *map(str, argv)]
+    launcher = subprocess.Popen(launch, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = Path(f"{out}.ckpt")
+    deadline = time.monotonic() + 120
+    try:
+        while not ckpt.exists():
+            assert launcher.poll() is None, launcher.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.005)
+        os.kill(_worker_of_rank(launcher, rank), signal.SIGKILL)
+        assert launcher.wait(timeout=60) != 0  # torchrun ends the other rank and fails
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        launcher.stderr.close()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_ddp_sweep_resumes_to_the_uninterrupted_run(tmp_path, sparse_toy, ddp_reference):
+    import torch
+    out = tmp_path / "killed.h5"
+    argv = ["sweep", sparse_toy, "--out", out, *DDP_SWEEP, "--ddp"]
+    _kill_rank_after_checkpoint(argv, out, rank=1)
+    assert not out.exists()
+    step = torch.load(f"{out}.ckpt", weights_only=True)["step"]
+    assert 20 <= step < 200  # killed between checkpoints, mid-run
+    ok(sparsefeat(*argv, "--resume", ranks=2))
+    # The same steps on the same rows from the checkpoint on: bit for bit the uninterrupted run.
+    assert_same_contents(h5_contents(out), h5_contents(ddp_reference))
+    assert not Path(f"{out}.ckpt").exists()
+
+
+def test_ddp_without_torchrun_is_a_one_line_error(tmp_path, sparse_toy, monkeypatch, capsys):
+    from sparsefeat.cli import main
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["sweep", str(sparse_toy), "--out", str(tmp_path / "s.h5"), "--ddp", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ddp" in err[0] and "torchrun" in err[0]
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_ddp_refuses_a_global_batch_the_ranks_cannot_share():
+    from sparsefeat.errors import ConfigError
+    with pytest.raises(ConfigError, match="must divide evenly among the 3 processes"):
+        distributed.check_ddp(SweepConfig(batch_size=64), World(0, 3))
+    distributed.check_ddp(SweepConfig(batch_size=63), World(0, 3))
+
+
+CHECK_SYNC = """
+import torch, torch.distributed as dist
+from sparsefeat import distributed
+from sparsefeat.sae import ReluL1
+dist.init_process_group("gloo")
+stack = ReluL1(8, 16, [0.1], [0])
+if dist.get_rank() == 1:
+    with torch.no_grad():
+        stack.encoder[0, 3, 2] += 1e-7  # one weight a rounding apart
+try:
+    distributed.check_in_sync([stack], step=7)
+except distributed.DistributedError as e:
+    print("rank", dist.get_rank(), e)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_out_of_sync_are_found(tmp_path):
+    script = tmp_path / "check_sync.py"
+    script.write_text(CHECK_SYNC)
+    done = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                             env=_env(), capture_output=True, text=True, timeout=120))
+    assert "rank 0 --ddp: the weights of rank 1 differ from rank 0's at step 7" in done.stdout
+    assert "rank 1 --ddp: the weights of rank 1 differ" in done.stdout

@@ -201,3 +201,13 @@ def test_comparison_with_a_failed_fit_says_which_side_failed():
     null = fit_loss_curve([8, 16], [0.5, 0.4])
     cmp = compare_fits(data, null)
     assert cmp.exponent_difference is None and "no fit of the null" in cmp.reason and "at least 3" in cmp.reason
+
+
+def test_three_sizes_with_row_errors_warn_that_the_fit_is_exact():
+    """Three sizes for three parameters: the row bootstrap gives tight intervals around a curve that
+    passes through every point; the fit must say so instead of looking precise."""
+    errors = row_errors(1.0, 0.6, 0.2)
+    exact = fit_loss_curve(SIZES[:3], row_errors=errors[:3], n_boot=30)
+    assert exact.ok and any("3 sizes for 3 parameters" in w for w in exact.warnings)
+    wide = fit_loss_curve(SIZES, row_errors=errors, n_boot=30)
+    assert not any("parameters" in w for w in wide.warnings)

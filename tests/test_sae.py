@@ -185,3 +185,81 @@ def test_geometric_median_and_pre_bias():
     assert pre_bias(pts, "none").tolist() == [0.0, 0.0]
     topk = TopK(2, 4, [1], [0], SAEOptions(), pre_bias(pts, "median"))
     torch.testing.assert_close(topk.decoder_bias[0], med)
+
+
+def _step(sae, x, kernel):
+    """One training loss + backward on the given path; (total, per-member loss, grads, bookkeeping)."""
+    sae.kernel = kernel
+    sae.zero_grad(set_to_none=True)
+    total, per = sae.training_loss(x)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    state = {n: b.clone() for n, b in sae.named_buffers()}
+    return total.detach(), per, grads, state
+
+
+def _paths_agree(make, x, prepare=lambda sae: None):
+    dense, sparse = make(), make()
+    sparse.load_state_dict(dense.state_dict())
+    prepare(dense)
+    prepare(sparse)
+    a, b = _step(dense, x, "dense"), _step(sparse, x, "sparse")
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        torch.testing.assert_close(a[2][name], b[2][name], atol=1e-5, rtol=1e-4, msg=name)
+        assert a[2][name].abs().sum() > 0, name  # every parameter is trained, on both paths
+    for name in a[3]:
+        torch.testing.assert_close(a[3][name], b[3][name], msg=name)
+
+
+@pytest.mark.parametrize("ks", [(4,), (2, 5, 5)])
+def test_topk_sparse_path_gives_the_dense_loss_and_gradients(ks):
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(3)) + 0.5
+    _paths_agree(lambda: TopK(32, 96, list(ks), list(range(len(ks))), SAEOptions(), x.mean(0)), x)
+
+
+def test_topk_sparse_path_gives_the_dense_auxk_loss_and_gradients():
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
+
+    def some_dead(sae):
+        with torch.no_grad():
+            sae.rows_since_fired[:, ::3] = 10**6
+        sae.on_log()
+        assert sae.auxk_active
+
+    make = lambda: TopK(32, 96, [4, 6], [0, 1], TopKOptions(auxk_dead_rows=1000, auxk_k=8), x.mean(0))  # noqa: E731
+    _paths_agree(make, x, some_dead)
+
+
+def test_topk_switches_to_the_sparse_path_where_it_pays():
+    assert TopK(32, 1536, [32], [0], SAEOptions()).use_sparse()
+    assert not TopK(32, 64, [32], [0], SAEOptions()).use_sparse()
+    assert not ReluL1(32, 64, [0.1], [0], SAEOptions()).use_sparse()
+
+
+@pytest.mark.parametrize("options", [{}, {"decoder_bias": False, "l1_reduction": "mean"}])
+def test_relu_l1_sparse_path_gives_the_dense_loss_and_gradients(options):
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(5))
+
+    def fewer_active(sae):  # a negative encoder bias: about a tenth of the codes positive
+        with torch.no_grad():
+            sae.encoder_bias.fill_(-1.3)
+
+    _paths_agree(lambda: ReluL1(32, 96, [0.1, 0.4], [0, 1], ReluL1Options(**options)), x, fewer_active)
+
+
+def test_relu_l1_takes_the_sparse_path_once_its_codes_are_sparse():
+    sae = ReluL1(32, 96, [0.1], [0], SAEOptions())
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(6))
+    assert not sae.use_sparse()  # nothing measured yet
+    sae.training_loss(x)
+    assert sae.density == pytest.approx(float((sae.encode(x) > 0).float().mean()))
+    assert sae.density > 0.3 and not sae.use_sparse()  # about half the latents on at initialisation
+    with torch.no_grad():
+        sae.encoder_bias.fill_(-2.5)
+    sae.training_loss(x)
+    assert 0 < sae.density < ReluL1.SPARSE_MAX_DENSITY and sae.use_sparse()
+    sae.training_loss(x)  # the sparse path measures the density too
+    assert sae.density == pytest.approx(float((sae.encode(x) > 0).float().mean()))

@@ -775,6 +775,20 @@ def test_auto_steps_train_a_small_dictionary_less_than_a_large_one_and_record_it
     assert (before.min() - recent.min()) <= 0.01 * before.min()
 
 
+@pytest.mark.slow
+def test_a_process_training_some_members_stops_when_its_own_sizes_have_converged(toy_store, tmp_path):
+    """Under torchrun each rank trains some sizes (Sweep(members=...)); with steps=auto it must stop once
+    its own sizes converge, not idle on to max_steps waiting for sizes another rank trains."""
+    from sparsefeat.train import Sweep
+    with ActivationStore(toy_store) as store:
+        small_only = Sweep(store, auto_config(), tmp_path / "part.h5", progress=False,
+                           members=[s.id for s in Sweep(store, auto_config(), tmp_path / "all.h5",
+                                                       progress=False).specs if s.size == 16])
+        small_only.train()
+    assert small_only.finished and set(small_only.stopped) == {16}
+    assert small_only.stopped[16][1] == "converged" and small_only.step < auto_config().max_steps
+
+
 def test_auto_steps_stop_at_max_steps_unconverged_and_record_it(small_store, tmp_path):
     cfg = small_config(steps="auto", min_steps=40, max_steps=60, converge_every=20, converge_window=40,
                        converge_tolerance=0.0, sizes=["8", "16"], l1=[0.1], lr=1e-4)
