@@ -886,6 +886,9 @@ def answer_false_positives(result) -> list[str]:
         if comp.within_noise or (comp.excess is not None and comp.excess <= 2):
             out += ["", f"**{h.label}** is a manifold an SAE tiles with as many latents as it has: its count is "
                         f"{comp.text()} over its matched null, so the count does not report the tiles as features."]
+        elif comp.excess is None:
+            out += ["", f"**{h.label}** is a manifold an SAE tiles with as many latents as it has; neither it nor its "
+                        f"matched null saturates ({comp.text()}), so the count cannot tell tiles from features here."]
         else:
             out += ["", f"**{h.label}** is a manifold an SAE tiles with as many latents as it has, and its count "
                         f"exceeds its matched null ({comp.text()}): the count cannot tell tiles from features "
