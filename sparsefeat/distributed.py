@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5
 
     torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5 --ddp
+    torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5 --distribute-latents
 
 Each process (rank) finds its rank and the world from torchrun's environment; the process group uses
 NCCL where a rank has a GPU of its own and gloo on CPU. Harvests and the default sweep move no
@@ -24,10 +25,14 @@ its share. `--ddp` shares every step instead (below).
   global batch; DistributedDataParallel averages the gradients, so every rank takes the same step,
   that of one process on the whole batch (up to float summation order). Rank 0 writes the
   checkpoint, evaluates and writes the results file.
+- Sweep (`--distribute-latents`, relu-l1): every rank holds a contiguous slice of the latents of every
+  dictionary (sliced from the single process's initial weights) and trains on every batch; the ranks
+  sum their partial decodes and L1 terms each step. Rank 0 joins the slices for checkpoints and at the
+  end, evaluates and writes the results file.
 
 Resume is per rank: each shard and each rank's checkpoint resumes by itself, so a rerun with
-`--resume` and the same number of processes continues wherever each rank stopped. (`--ddp` writes one
-checkpoint of the global state, which any number of ranks can resume.)
+`--resume` and the same number of processes continues wherever each rank stopped. (`--ddp` and
+`--distribute-latents` write one checkpoint of the global state, which any number of ranks can resume.)
 """
 
 from __future__ import annotations
