@@ -311,6 +311,9 @@ class SweepCommand(Command):
         p.add_argument("--ddp", action="store_true",
                        help="under torchrun: train the whole sweep data-parallel (DistributedDataParallel); "
                             "--batch-size stays the global batch, each of N processes trains on 1/N of it")
+        p.add_argument("--distribute-latents", action="store_true",
+                       help="under torchrun: each of N processes holds 1/N of the latents of every dictionary "
+                            "(for dictionaries too large for one device; relu-l1 only, not with --ddp)")
         add_common_flags(p, resume="continue a killed sweep from its checkpoint",
                          force="overwrite existing results or an old checkpoint",
                          progress="show the start-up line (members, memory estimate) and a progress bar")
@@ -320,11 +323,18 @@ class SweepCommand(Command):
         from .train import SweepConfig, train_sweep
         from . import distributed
         config = config_from_args(SweepConfig, args, model=self.model_options(args))
+        if args.distribute_latents:
+            distributed.check_distribute_latents(config, distributed.world(), ddp=args.ddp)
+            if not distributed.under_torchrun():
+                raise distributed.DistributedError("--distribute-latents splits dictionaries across the processes "
+                                                   "torchrun starts; run `torchrun --nproc-per-node N -m "
+                                                   "sparsefeat sweep ... --distribute-latents`")
         if args.ddp and not distributed.under_torchrun():
             raise distributed.DistributedError("--ddp trains across the processes torchrun starts; run "
                                                "`torchrun --nproc-per-node N -m sparsefeat sweep ... --ddp`")
-        # under torchrun: every step shared (--ddp), else members across ranks
-        run = distributed.ddp_sweep if args.ddp else distributed.sweep if distributed.launched() else train_sweep
+        # under torchrun: latents split (--distribute-latents), every step shared (--ddp), else members across ranks
+        run = (distributed.latent_sweep if args.distribute_latents else distributed.ddp_sweep if args.ddp
+               else distributed.sweep if distributed.launched() else train_sweep)
         path = run(args.store, config, args.out, resume=args.resume, force=args.force, progress=args.progress)
         if path is None:  # a rank other than 0: rank 0 reports
             return 0

@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5
 
     torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5 --ddp
+    torchrun --nproc-per-node 2 -m sparsefeat sweep STORE.h5 ... --out sweep.h5 --distribute-latents
 
 Each process (rank) finds its rank and the world from torchrun's environment; the process group uses
 NCCL where a rank has a GPU of its own and gloo on CPU. Harvests and the default sweep move no
@@ -24,10 +25,14 @@ its share. `--ddp` shares every step instead (below).
   global batch; DistributedDataParallel averages the gradients, so every rank takes the same step,
   that of one process on the whole batch (up to float summation order). Rank 0 writes the
   checkpoint, evaluates and writes the results file.
+- Sweep (`--distribute-latents`, relu-l1): every rank holds a contiguous slice of the latents of every
+  dictionary (sliced from the single process's initial weights) and trains on every batch; the ranks
+  sum their partial decodes and L1 terms each step. Rank 0 joins the slices for checkpoints and at the
+  end, evaluates and writes the results file.
 
 Resume is per rank: each shard and each rank's checkpoint resumes by itself, so a rerun with
-`--resume` and the same number of processes continues wherever each rank stopped. (`--ddp` writes one
-checkpoint of the global state, which any number of ranks can resume.)
+`--resume` and the same number of processes continues wherever each rank stopped. (`--ddp` and
+`--distribute-latents` write one checkpoint of the global state, which any number of ranks can resume.)
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError, SparsefeatError
 from .files import WriterLock, check_output
+from .sae import ReluL1
 from .train import Sweep
 
 # Ranks wait for each other at a few points (the slowest shard, the slowest share of a sweep), which
@@ -614,6 +620,210 @@ def ddp_sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, 
             check_in_sync(run.stacks, run.step)
             path = None
             if w.is_main:  # the weights are the same on every rank: rank 0 evaluates them alone
+                path = run.write_results(run.evaluate())
+            barrier()  # the results are written: the checkpoint is no longer needed
+            if w.is_main:
+                run.ckpt.unlink(missing_ok=True)
+            return path
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep: every dictionary's latents split across the ranks (--distribute-latents)
+# --------------------------------------------------------------------------------------------
+
+# Per-latent tensors of a relu-l1 stack ([G, m, ...]): a rank holds latents [lo, hi) of each. The decoder
+# bias, the sparsity settings and the step counter are replicated (every rank computes them identically).
+LATENT_TENSORS = ("encoder", "encoder_bias", "decoder", "last_fired")
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum a tensor over the ranks; the backward passes the gradient through unchanged.
+
+    Not `torch.distributed.nn.functional.all_reduce`, whose backward sums the gradients over the ranks
+    too: here every rank computes the same loss from the summed tensor, so each rank's gradient is
+    already the whole gradient, and summing it again would scale it by the number of ranks."""
+
+    @staticmethod
+    def forward(ctx, part):
+        total = part.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def latent_slice(size: int, w: World) -> tuple[int, int]:
+    """Latents [lo, hi) of a dictionary of `size` that rank w.rank holds (contiguous, as even as can be)."""
+    return size * w.rank // w.size, size * (w.rank + 1) // w.size
+
+
+class LatentSliceReluL1(ReluL1):
+    """Rank r's slice of a relu-l1 stack: encoder rows, encoder bias and decoder rows of latents [lo, hi),
+    the decoder bias whole. `size` stays the whole dictionary's m (the 'mean' L1 divides by it).
+    x̂ = Σ_ranks W_d[lo:hi] c[lo:hi] + b; the L1 penalty is a sum over latents, so each rank's share of
+    it has the gradient of the whole on its own latents, and its value is summed over the ranks. The
+    unit-norm projection, Adam and the firing counters are per latent: local. The dense path only
+    (the sparse one adds the bias inside its kernel)."""
+
+    name = ""  # not an architecture of its own: results name it relu-l1
+    kernel = "dense"
+
+    def decode(self, codes):
+        return _SumOverRanks.apply(torch.bmm(codes, self.decoder)) + self.decoder_bias[:, None, :]
+
+    def penalty(self, codes):
+        return _SumOverRanks.apply(super().penalty(codes))
+
+
+@torch.no_grad()
+def slice_stack(full: ReluL1, w: World) -> LatentSliceReluL1:
+    """Rank w.rank's slice of `full` (changed in place): sliced from the whole dictionary a single
+    process initialises, so each slice starts exactly as those latents do there."""
+    lo, hi = latent_slice(full.size, w)
+    for name in LATENT_TENSORS:
+        t = getattr(full, name)[:, lo:hi].clone()
+        setattr(full, name, torch.nn.Parameter(t) if isinstance(getattr(full, name), torch.nn.Parameter) else t)
+    full.__class__ = LatentSliceReluL1
+    return full
+
+
+def join_state(states: list[dict], latent: Sequence[str] = LATENT_TENSORS) -> dict:
+    """One state dict from every rank's slice (in rank order): latent tensors joined along the latent
+    axis, the rest (replicated) taken from rank 0."""
+    return {k: torch.cat([s[k] for s in states], dim=1) if k in latent else v for k, v in states[0].items()}
+
+
+def slice_state(state: dict, size: int, w: World, latent: Sequence[str] = LATENT_TENSORS) -> dict:
+    lo, hi = latent_slice(size, w)
+    return {k: v[:, lo:hi].clone() if k in latent else v for k, v in state.items()}
+
+
+def check_distribute_latents(config, w: World, ddp: bool) -> None:
+    """Settings --distribute-latents refuses, each with its one line."""
+    if ddp:
+        raise ConfigError("--distribute-latents: not with --ddp; every rank trains on the whole batch and holds "
+                          "a slice of each dictionary (choose one)")
+    if config.arch != "relu-l1":
+        raise ConfigError(f"--distribute-latents: only relu-l1 is supported, not {config.arch} "
+                          "(topk's global top-k across ranks is not implemented)")
+    if config.compile:
+        raise ConfigError("--distribute-latents: --compile is not supported; leave it off")
+    if config.resample_steps:
+        raise ConfigError("--distribute-latents: --resample-steps is not supported (resampling draws rows for "
+                          "the dead latents of the whole dictionary); leave it off")
+
+
+class LatentShardSweep(Sweep):
+    """A `Sweep` in which every rank holds a slice of the latents of every dictionary (LatentSliceReluL1)
+    and trains on every batch; the ranks sum their partial reconstructions at each step. Rank 0 joins
+    the slices into whole dictionaries for each checkpoint (the single process's, resumable by any
+    number of ranks) and at the end, and evaluates them alone."""
+
+    def __init__(self, store, config, out, *, world: World, **kw):
+        self.world = world
+        self.latent_shards = world.size
+        super().__init__(store, config, out, **kw)
+
+    def startup_line(self) -> str:
+        return f"{super().startup_line()}; latents of each dictionary split over {self.world.size} ranks"
+
+    def _build_stacks(self):
+        # the single process's whole stacks, initialised on the CPU, then this rank's slice on the device
+        device, self.device = self.device, torch.device("cpu")
+        try:
+            stacks, specs = super()._build_stacks()
+        finally:
+            self.device = device
+        small = [st.size for st in stacks if st.size < self.world.size]
+        if small:
+            raise ConfigError(f"--distribute-latents: a dictionary of {small[0]} latents cannot be split over "
+                              f"{self.world.size} processes; use larger --sizes or fewer processes")
+        return [slice_stack(st, self.world).to(self.device) for st in stacks], specs
+
+    def _latent_params(self) -> list[bool]:
+        """For each parameter, in the optimiser's order: whether it is per latent (sliced)."""
+        return [name in LATENT_TENSORS for st in self.stacks for name, _ in st.named_parameters()]
+
+    def _stack_states(self) -> list[dict]:
+        parts = gather(super()._stack_states())
+        return [join_state([p[i] for p in parts]) for i in range(len(self.stacks))] if self.world.is_main else None
+
+    def _optimizer_state(self) -> dict:
+        parts = gather(self.optimizer.state_dict())
+        if not self.world.is_main:
+            return None
+        latent = self._latent_params()
+        state = {i: join_state([p["state"][i] for p in parts], ("exp_avg", "exp_avg_sq") if latent[i] else ())
+                 for i in parts[0]["state"]}
+        return dict(parts[0], state=state)
+
+    def save_checkpoint(self) -> None:
+        if self.world.is_main:
+            super().save_checkpoint()
+        else:  # the collectives of rank 0's save, then nothing to write
+            self._stack_states()
+            self._optimizer_state()
+            self.checkpoint_step = self.step
+
+    def _restore(self, state: dict) -> None:
+        """A whole checkpoint (any number of ranks, or one process, wrote it): this rank's slices."""
+        latent = self._latent_params()
+        opt = state["optimizer"]
+        sizes = [st.size for st in self.stacks]
+        stacks = [slice_state(sd, m, self.world) for sd, m in zip(state["stacks"], sizes)]
+        param_size = [m for st, m in zip(self.stacks, sizes) for _ in st.parameters()]
+        opt = dict(opt, state={i: slice_state(s, param_size[i], self.world, ("exp_avg", "exp_avg_sq") if latent[i]
+                                              else ()) for i, s in opt["state"].items()})
+        super()._restore(dict(state, stacks=stacks, optimizer=opt))
+
+    def joined_stacks(self) -> list[ReluL1] | None:
+        """On rank 0 the whole dictionaries (the slices joined), on the device; None elsewhere."""
+        states = self._stack_states()
+        if not self.world.is_main:
+            return None
+        whole = []
+        for st, sd in zip(self.stacks, states):
+            full = ReluL1(self.d, st.size, st.sparsities, st.seeds, st.options, self.bias)
+            full.load_state_dict(sd)
+            whole.append(full.to(self.device))
+        return whole
+
+
+def latent_sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resume: bool = False,
+                 force: bool = False, progress: bool = True) -> Path | None:
+    """`train.train_sweep` with each dictionary's latents split across torchrun's ranks
+    (`--distribute-latents`): every rank trains on every batch, holding latents [m·r/N, m·(r+1)/N) of
+    each dictionary. The run equals a single process up to float summation order (x̂ and the L1 summed
+    over ranks). Rank 0 writes the checkpoints (whole dictionaries, as a single process's) and, having
+    joined the slices, evaluates and writes the results file. Returns its path on rank 0, None elsewhere."""
+    from .results import ResultsError
+    from .store import ActivationStore
+    from .train import checkpoint_path, remove_stale_temporaries
+    out = check_output(out, force=True, inputs=[store_path])
+    if out.exists() and not force:
+        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
+            "already exists; pass --force to overwrite it"
+        raise ResultsError(f"{out}: {hint}")
+    check_distribute_latents(config, world(), ddp=False)
+    with session(config.device) as w:
+        lock = WriterLock(out, what="results file") if w.is_main else contextlib.nullcontext()
+        with lock, ActivationStore(store_path) as store:
+            if w.is_main:
+                remove_stale_temporaries(out)
+                if force and not resume:  # here, not in every rank's Sweep: one rank deletes it
+                    checkpoint_path(out).unlink(missing_ok=True)
+            barrier()
+            run = LatentShardSweep(store, config, out, world=w, resume=resume, force=force,
+                                   progress=progress and w.is_main)
+            if progress and w.is_main:
+                print(run.startup_line(), file=sys.stderr)
+            run.train()
+            whole = run.joined_stacks()
+            path = None
+            if w.is_main:  # the whole dictionaries, as a single process holds them, evaluated on rank 0
+                run.stacks = whole
                 path = run.write_results(run.evaluate())
             barrier()  # the results are written: the checkpoint is no longer needed
             if w.is_main:

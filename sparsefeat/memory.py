@@ -34,19 +34,23 @@ class MemoryEstimate:
                 f"batch {human_bytes(self.codes)}, evaluation {human_bytes(self.evaluation)})")
 
 
-def memory_estimate(specs: list[MemberSpec], d: int, batch_size: int, test_rows: int, sample_rows: int
-                    ) -> MemoryEstimate:
-    """The memory of a sweep from its shapes (float32 everywhere, 4 bytes), before anything is allocated."""
+def memory_estimate(specs: list[MemberSpec], d: int, batch_size: int, test_rows: int, sample_rows: int,
+                    latent_shards: int = 1) -> MemoryEstimate:
+    """The memory of a sweep from its shapes (float32 everywhere, 4 bytes), before anything is allocated.
+    With `latent_shards` processes each holding a slice of every dictionary (--distribute-latents), the
+    weights, Adam state and codes are this process's share (m / latent_shards latents); the evaluation
+    and the checkpoint still hold whole dictionaries (rank 0 joins the slices)."""
     params = [2 * s.size * d + s.size + d for s in specs]
+    share = [-(-s.size // latent_shards) for s in specs]  # latents one process holds, rounded up
     by_size: dict[int, int] = {}
-    for s in specs:
-        by_size[s.size] = by_size.get(s.size, 0) + 1
+    for m in share:
+        by_size[m] = by_size.get(m, 0) + 1
     # per stack: pre-activations, codes and their gradients [G, B, m]; x̂ and its gradient [G, B, d];
     # a stack holds at most STACK_ELEMENTS codes, so a size's members may be split over several stacks
     codes = max(4 * min(g * batch_size * m, max(STACK_ELEMENTS, batch_size * m)) + 2 * g * batch_size * d
                 for m, g in by_size.items()) * 4
     evaluation = (2 * len(specs) * test_rows + sum(params)) * 4 + 3 * sample_rows * d * 8
-    return MemoryEstimate(weights=16 * sum(params), codes=codes, evaluation=evaluation,
+    return MemoryEstimate(weights=16 * sum(2 * m * d + m + d for m in share), codes=codes, evaluation=evaluation,
                           checkpoint=12 * sum(params) + 8 * sum(s.size for s in specs))
 
 

@@ -123,6 +123,8 @@ def store_fingerprint(store: ActivationStore, site: str) -> str:
 class Sweep:
     """One run of a sweep over one store, ready to train once constructed; `run()` does the rest."""
 
+    latent_shards = 1  # processes that each hold a slice of every dictionary (distributed.LatentShardSweep)
+
     def __init__(self, store: ActivationStore, config: SweepConfig, out: str | os.PathLike, *,
                  resume: bool = False, force: bool = False, progress: bool = True,
                  members: Collection[str] | None = None, checkpoint: str | os.PathLike | None = None):
@@ -150,7 +152,7 @@ class Sweep:
             raise TrainingError(f"{self.out}: --bf16 needs a CUDA device (this run uses {self.device})")
         self.label = config.label or f"{Path(store.path).stem}:{self.site}"
         self.memory: MemoryEstimate = memory_estimate(self.trained, self.d, config.batch_size, self.n_test,
-                                                      config.sample_rows)
+                                                      config.sample_rows, latent_shards=self.latent_shards)
         check_memory(self.memory, self.device, self.out)  # before anything large is allocated
         self.store_hash = store_fingerprint(store, self.site)
         state = self._checkpoint_to_resume(resume, force)
@@ -489,8 +491,7 @@ class Sweep:
                      step=self.step, scale=float(self.scale), bias=self.bias.cpu(), curves=curves,
                      stopped=[[int(size), int(step), reason] for size, (step, reason) in sorted(self.stopped.items())],
                      resampled=self.resampled,
-                     stacks=[{k: _to_cpu(v) for k, v in st.state_dict().items()} for st in self.stacks],
-                     optimizer=self.optimizer.state_dict())
+                     stacks=self._stack_states(), optimizer=self._optimizer_state())
         need = self.memory.checkpoint + (1 << 16)
         kept = "" if self.checkpoint_step is None else f"; the checkpoint of step {self.checkpoint_step} is kept"
         try:
@@ -506,6 +507,13 @@ class Sweep:
         except OutputError as e:
             raise OutputError(f"{e}{kept}") from None
         self.checkpoint_step = self.step
+
+    # what a checkpoint holds of the weights and of Adam (distributed.LatentShardSweep joins its slices)
+    def _stack_states(self) -> list[dict]:
+        return [{k: _to_cpu(v) for k, v in st.state_dict().items()} for st in self.stacks]
+
+    def _optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
 
     def _load_checkpoint(self) -> dict:
         try:
