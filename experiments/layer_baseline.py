@@ -12,13 +12,14 @@ QUICK = {"toys": no_default_toys(), "model": {"layers": [0, 1, 2, 3, 4, 5, 6]},
 
 def main(argv=None):
     args, result = run("layer_baseline", __doc__, FULL, QUICK, argv)
-    plots.save_figure(plots.count_by_layer(result.counts), args.out / "figures", "count_by_layer", force=True)
+    chosen = [result.count(h.label) for h in result.headlines]  # each site at its headline sparsity setting
+    plots.save_figure(plots.count_by_layer(chosen), args.out / "figures", "count_by_layer", force=True)
     print(f"\n{'layer':5s} {'trained':>10s} {'random':>10s} {'null':>6s}  (N at the largest size; estimate)")
     for layer in range(7):
         row = {}
         for name, label in (("trained", f"minilm/resid_{layer}"), ("random", f"minilm-random/resid_{layer}"),
                             ("null", f"null:minilm/resid_{layer}")):
-            c = next((c for c in result.counts if c.label == label), None)
+            c = next((c for c in chosen if c.label == label), None)
             row[name] = "-" if c is None else f"{c.sizes[-1].reproduced:.0f}"
         print(f"{layer:5d} {row['trained']:>10s} {row['random']:>10s} {row['null']:>6s}")
     print(f"figure: {args.out / 'figures' / 'count_by_layer.png'}")
