@@ -412,6 +412,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     (["--corpus", "{tmp}/binary.txt"], "not UTF-8"),
     (["--max-length", "600"], "exceeds the model's 512 positions"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, capsys, extra, message):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "binary.txt").write_bytes(b"\x80\x81\x82")
@@ -423,6 +424,7 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, capsys, extra, messa
     assert not out.exists() and not partial_path(out).exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, tiny_gpt2, capsys):
     import shutil
     folder = shutil.copytree(tiny_gpt2, tmp_path / "three-layers")

@@ -191,6 +191,7 @@ def test_narrow_log_ranges_get_plain_ticks_that_do_not_overlap():
     assert ticks == [0.001, 0.01, 0.1, 1.0, 10.0]
 
 
+@pytest.mark.slow
 def test_every_figure_is_readable_on_the_study(counts):
     for name, make in plots.FIGURES.items():
         assert_readable(make(counts))

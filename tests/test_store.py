@@ -634,6 +634,7 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precheck", [True, False])
 def test_a_full_disk_stops_import_with_one_line_keeps_the_prefix_and_resume_finishes(tmp_path, tmpfs, precheck):
     src = _big_array(tmp_path)  # 6 MB of rows
@@ -665,6 +666,7 @@ def test_a_full_disk_stops_import_with_one_line_keeps_the_prefix_and_resume_fini
     assert not partial_path(out).exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_toy_with_one_line_and_resume_equals_an_uninterrupted_run(tmp_path, tmpfs):
     disk = tmpfs("6m")  # room for two of the three blocks of 2 MB
     argv = ["toy", "gaussian", "--d", "64", "--n-samples", "20000", "--no-progress"]

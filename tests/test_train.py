@@ -56,6 +56,7 @@ def by(results, size, seed=0):
 # ---- the science -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_recovers_ground_truth_once_the_dictionary_is_large_enough(toy_sweep):
     n = N_FEATURES
     for seed in (0, 1):
@@ -79,6 +80,7 @@ def test_seeds_agree_at_the_true_size(toy_sweep):
     assert by(toy_sweep, N_FEATURES).signals["mmcs_next"] >= 0.95  # every true feature is in the 2n one
 
 
+@pytest.mark.slow
 def test_train_loss_below_test_loss_with_a_gap_growing_with_size(tmp_path):
     store = write_toy("sparse", tmp_path / "noisy.h5", n_samples=2000, seed=1, n_features=N_FEATURES, d=D,
                       mean_active=5.0, noise=0.5, test_fraction=0.5, progress=False)
@@ -93,6 +95,7 @@ def test_train_loss_below_test_loss_with_a_gap_growing_with_size(tmp_path):
     assert gaps[0] < gaps[1] < gaps[2]
 
 
+@pytest.mark.slow
 def test_topk_keeps_k_latents_and_recovers_features(toy_store, tmp_path):
     cfg = SweepConfig(sizes=["16", "64"], arch="topk", k=[4, 8], seeds=[0], steps=1500, lr=3e-3, test_curve_points=0,
                       model={"auxk_dead_rows": 20000})
@@ -288,6 +291,7 @@ train_sweep(sys.argv[1], cfg, sys.argv[2], resume=True, progress=False)
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(small_store, tmp_path):
     cfg = dict(sizes=["8", "16"], l1=[0.1, 0.5], seeds=[0, 1], steps=3000, batch_size=64, log_every=20,
                test_curve_points=3, checkpoint_every=40, arch="topk", k=[2, 3], model={"auxk_dead_rows": 640})
