@@ -47,7 +47,7 @@ from .files import check_folder_writable, write_text
 
 
 # The --quick profile: a CI-sized study. Its duration, measured on 2 CPU cores, is stated here only.
-QUICK_DURATION = "about two minutes on 2 CPU cores: 125 s of CPU with calibration and steps=auto"
+QUICK_DURATION = "about two minutes on 2 CPU cores: 129 s of CPU with calibration and steps=auto"
 QUICK = {
     "study": {"toy_samples": 12_000},
     "model": {"max_tokens": 6_000},
