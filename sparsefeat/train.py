@@ -294,10 +294,22 @@ class Sweep:
             self.stopped[size] = (self.step, reason)
 
     def stop_record(self, spec: MemberSpec) -> dict:
-        """How member `spec` stopped: steps trained, whether it converged (None: fixed steps, not checked)."""
+        """How member `spec` stopped: steps trained, whether it converged (None: fixed steps, not checked).
+
+        Convergence is the member's own: a size stops at max_steps when any of its members (often the
+        weakest sparsity setting, whose loss falls longest) is still improving, and a sibling whose held-out
+        curve had met the rule by then has converged all the same (it only trained longer)."""
         step, reason = self.stopped.get(spec.size, (self.step, STOP_FIXED))
-        return dict(steps_trained=int(step), stop_reason=reason,
-                    converged=None if reason == STOP_FIXED else reason == STOP_CONVERGED)
+        converged = None if reason == STOP_FIXED else reason == STOP_CONVERGED or self._member_converged(spec, step)
+        return dict(steps_trained=int(step), stop_reason=reason, converged=converged)
+
+    def _member_converged(self, spec: MemberSpec, step: int) -> bool:
+        """Whether member `spec`'s held-out curve meets the convergence rule at `step` (steps=auto)."""
+        cfg = self.config
+        resampled = [s for s in self.resample_steps if s <= step]
+        if step < cfg.min_steps or (resampled and step < max(resampled) + cfg.converge_window):
+            return False
+        return held_out_converged(self.curves[spec.id]["test"], step, cfg.converge_window, cfg.converge_tolerance)
 
     def last_fired(self) -> dict[str, np.ndarray]:
         """Per member id: [m] the training step on which each latent last fired (0: never)."""

@@ -60,11 +60,15 @@ def test_quick_study_count_places_every_site_beside_its_controls(quick_study):
         assert sum(r["chosen"] for r in rows if r["label"] == label) == 1
     toy = heads["sparse"]
     assert toy["role"] == "toy" and toy["expected"] == 64
-    # an estimate, or (sizes still improving at the step budget: no plateau is read there) a lower bound
-    for label, value, tol in (("sparse", 64, dict(rel=0.2)), ("gmm", 12, dict(abs=2))):
+    # the quick budget lets the toys converge (each member judged on its own held-out curve), so the count
+    # gives estimates, not lower bounds: the truth within 10% on the sparse toy, the 12 components of gmm
+    for label, value, tol in (("sparse", 64, dict(rel=0.1)), ("gmm", 12, dict(abs=1))):
+        assert heads[label]["estimate"] == pytest.approx(value, **tol), heads[label]
+    for label in ("square", "null:sparse", "null:minilm/resid_0", "null:minilm/resid_6"):  # no false positives
         h = heads[label]
-        assert (h["estimate"] if h["estimate"] is not None else h["lower_bound"]) == pytest.approx(value, **tol)
-        assert h["estimate"] is not None or any("did not converge" in w for w in h["warnings"])
+        assert (h["estimate"] if h["estimate"] is not None else h["lower_bound"]) <= 3, (label, h)
+    for r in rows:  # no member of a headline's setting has every latent dead
+        assert not r["chosen"] or all(size["all_dead"] == 0 for size in r["sizes"]), r["label"]
     null = toy["comparisons"]["null"]
     assert null["against"] == "null:sparse"
     assert null["within_noise"] is False or (null["bound"] == ">" and null["excess"] > 0.8 * 64)  # beyond the null

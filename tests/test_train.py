@@ -19,8 +19,8 @@ from sparsefeat.errors import SparsefeatError
 from sparsefeat.results import SIGNAL_KEYS, load_results, describe
 from sparsefeat.store import ActivationStore, StoreWriter, split_rows
 from sparsefeat.toys import write_toy
-from sparsefeat.train import (MemberSpec, SweepConfig, checkpoint_path, cross_member_signals, learning_rate,
-                              parse_size, train_sweep)
+from sparsefeat.train import (MemberSpec, SweepConfig, checkpoint_path, cross_member_signals, held_out_converged,
+                              learning_rate, parse_size, train_sweep)
 
 N_FEATURES, D = 64, 32
 
@@ -905,3 +905,17 @@ def test_resampling_restarts_dead_relu_latents_and_is_refused_for_topk(small_sto
     assert (r.last_fired(m.id) > 300).sum() > (plain.last_fired(mp.id) > 300).sum()  # restarted latents fire
     with pytest.raises(SparsefeatError, match="relu-l1"):
         SweepConfig(arch="topk", resample_steps=[100])
+
+
+def test_a_member_whose_held_out_loss_converged_is_converged_though_its_size_ran_to_max_steps(small_store, tmp_path):
+    """A size trains until all its members converge; a member that had converged while a sibling (here the
+    weak setting) kept the size training to max_steps is recorded converged, by its own curve (the count
+    reads its plateau), and the sibling is not."""
+    cfg = small_config(steps="auto", min_steps=40, max_steps=200, converge_every=20, converge_window=40,
+                       converge_tolerance=0.005, sizes=["16"], l1=[0.01, 10.0], seeds=[0], lr=1e-2)
+    r = load_results(train_sweep(small_store, cfg, tmp_path / "own.h5", progress=False))
+    weak, strong = sorted(r.members, key=lambda m: m.sparsity)
+    assert {m.training["stop_reason"] for m in r.members} == {"max_steps"}
+    assert (weak.converged, strong.converged) == (False, True)
+    for m in (weak, strong):  # the record is the rule applied to the member's stored held-out curve
+        assert m.converged == held_out_converged(m.curves["test"].tolist(), 200, 40, 0.005)
