@@ -467,7 +467,9 @@ def _fit_panel(ax, p: Panel) -> None:
 def _fit_title(h: Headline) -> str:
     f = h.fit
     if f is None or not f.ok:
-        return f"fit: none ({'no setting chosen' if f is None else f.reason})"[:70]
+        import textwrap  # a reason is a sentence: wrap it to the panel instead of cutting it off
+        return textwrap.fill(f"fit: none ({'no setting chosen' if f is None else f.reason})", 60,
+                             max_lines=2, placeholder="…)")
     flag = " (poor fit)" if f.warnings else ""
     text = f"fit b={estimate_text(f.exponent, '.2f')}, c={estimate_text(f.floor, '.3f')}{flag}"
     v = h.fit_vs_null
