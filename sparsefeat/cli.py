@@ -638,7 +638,10 @@ def _printable(text: str) -> str:
 
 
 def _error(where: str, message: str) -> None:
-    print(f"{where}: error: {_printable(message)}", file=sys.stderr)
+    # one write: under torchrun (unbuffered) several ranks fail at once, and print's separate writes
+    # of the text and the newline would interleave their lines
+    sys.stderr.write(f"{where}: error: {_printable(message)}\n")
+    sys.stderr.flush()
 
 
 def _describe_os_error(e: OSError) -> str:
