@@ -282,8 +282,11 @@ def test_a_full_disk_during_plot_leaves_no_half_set_of_figures(originals, tmp_pa
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     study = tmp_path / "study"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # the child gets SIGINT's default action back: a test runner started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "sparsefeat.cli", "run", "--quick", "--out", str(study),
-                             "--no-progress"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--no-progress"], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (study / "study.toml").exists():  # the study has started (imports done)
