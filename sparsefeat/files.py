@@ -65,11 +65,12 @@ def check_free_space(path: str | os.PathLike, nbytes: int, *, resumable: bool = 
         return  # cannot tell: the write itself will report
     if free < nbytes:
         advice = "; free space and run again with --resume" if resumable else "; free space and run again"
-        raise OutputError(f"{path}: no space left on the device (need about {_human(nbytes)}, "
-                          f"{_human(free)} free){advice}")
+        raise OutputError(f"{path}: no space left on the device (need about {human_bytes(nbytes)}, "
+                          f"{human_bytes(free)} free){advice}")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 3.2 MB, 1.5 GB."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

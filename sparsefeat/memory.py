@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import SparsefeatError
+from .files import human_bytes
 from .sweep_config import MemberSpec
 
 STACK_ELEMENTS = 1 << 26  # most code entries (members × batch × m) one stack holds at once (~256 MB)
@@ -78,11 +79,3 @@ def check_memory(estimate: MemoryEstimate, device: torch.device, out: Path) -> N
         raise SparsefeatError(f"{out}: this sweep needs {estimate.describe()} but {device} has "
                             f"{human_bytes(free)} available; use smaller --sizes, fewer members or a smaller "
                             "--batch-size")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
