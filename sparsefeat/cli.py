@@ -586,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status. User errors (`SparsefeatError`, an OSError on a path
     the user gave) print one line and return 2; Ctrl-C returns 130; only a bug prints a traceback,
     under a first line that says so."""
+    as_process = argv is None  # the `sparsefeat` command itself, not a call from Python code or a test
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     bad = next((a for a in argv if not _is_text(a)), None)
     if bad is not None:  # a non-UTF-8 byte (surrogate-escaped by Python): refuse before any file is touched
@@ -600,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     where = f"sparsefeat {args.command}"
+    if as_process:
+        _exit_on_interrupt(where)
     try:
         code = args._command.run(args)
     except SparsefeatError as e:
@@ -620,6 +623,28 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         return _internal_error(where)
     return int(code or 0)
+
+
+def _exit_on_interrupt(where: str) -> None:
+    """Ctrl-C ends the command at once: one line, exit 130. A KeyboardInterrupt can be lost (raised
+    inside a destructor or a callback, where Python only reports it) and interpreter shutdown can wait on
+    a data-loading thread, so the process leaves through os._exit. That is safe because every writer
+    survives SIGKILL (committed blocks, atomic renames; `--resume` continues), which is stronger."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # started with SIGINT ignored (a background job) or handled by the caller: leave it so
+
+    def interrupted(signum, frame):
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        _error(where, "interrupted")
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
 
 
 def _is_text(arg: str) -> bool:
