@@ -249,6 +249,21 @@ class StoreWriter:
         self._sums = {site: np.zeros(0, dtype=np.uint32) for site in self.sites}
         self._algorithms = {site: checksums.ALGORITHM for site in self.sites}
 
+    def _rebuild_and_open(self, wait: float = 10.0):
+        """Rebuild the committed prefix and open it. A reader that holds the file open for a moment (an
+        `inspect`, a test polling the committed rows) makes HDF5's own lock fail with EAGAIN; our writer
+        lock already excludes other writers, so that is worth a short wait, not a refusal."""
+        import time
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                rebuild_committed_prefix(self.tmp)
+                return h5py.File(self.tmp, "a", **WRITE_OPTIONS)
+            except OSError as e:
+                if "unable to lock file" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def _reopen(self) -> None:
         try:
             f = h5py.File(self.tmp, "a", **WRITE_OPTIONS)
@@ -257,8 +272,7 @@ class StoreWriter:
             # file from its committed prefix (readable with swmr=True) and continue from that.
             check_free_space(self.tmp, self.tmp.stat().st_size + FREE_SPACE_MARGIN, resumable=True)
             try:
-                rebuild_committed_prefix(self.tmp)
-                f = h5py.File(self.tmp, "a", **WRITE_OPTIONS)
+                f = self._rebuild_and_open()
             except Exception as e:
                 if is_disk_full(e):
                     raise self._output_error(e) from None
