@@ -403,14 +403,9 @@ def sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, resu
           force: bool = False, progress: bool = True) -> Path | None:
     """`train.train_sweep` with the members divided among torchrun's ranks. Returns the results path on
     rank 0 (the same file a single process writes), None on the others."""
-    from .results import ResultsError
     from .store import ActivationStore
-    from .train import Sweep, TrainingError, remove_stale_temporaries
-    out = check_output(out, force=True, inputs=[store_path])
-    if out.exists() and not force:
-        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
-            "already exists; pass --force to overwrite it"
-        raise ResultsError(f"{out}: {hint}")
+    from .train import Sweep, TrainingError, check_sweep_output, remove_stale_temporaries
+    out = check_sweep_output(out, store_path, resume=resume, force=force)
     with session(config.device) as w:
         lock = WriterLock(out, what="results file") if w.is_main else contextlib.nullcontext()
         with lock, ActivationStore(store_path) as store:
@@ -594,14 +589,9 @@ def ddp_sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, *, 
     with the same batch up to float summation order. Checkpoints (`OUT.ckpt`, the single process's) are
     written by rank 0; rank 0 evaluates and writes the results file. Returns its path on rank 0, None
     elsewhere."""
-    from .results import ResultsError
     from .store import ActivationStore
-    from .train import checkpoint_path, remove_stale_temporaries
-    out = check_output(out, force=True, inputs=[store_path])
-    if out.exists() and not force:
-        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
-            "already exists; pass --force to overwrite it"
-        raise ResultsError(f"{out}: {hint}")
+    from .train import check_sweep_output, checkpoint_path, remove_stale_temporaries
+    out = check_sweep_output(out, store_path, resume=resume, force=force)
     w = world()
     check_ddp(config, w)
     with session(config.device) as w:
@@ -798,14 +788,9 @@ def latent_sweep(store_path: str | os.PathLike, config, out: str | os.PathLike, 
     each dictionary. The run equals a single process up to float summation order (x̂ and the L1 summed
     over ranks). Rank 0 writes the checkpoints (whole dictionaries, as a single process's) and, having
     joined the slices, evaluates and writes the results file. Returns its path on rank 0, None elsewhere."""
-    from .results import ResultsError
     from .store import ActivationStore
-    from .train import checkpoint_path, remove_stale_temporaries
-    out = check_output(out, force=True, inputs=[store_path])
-    if out.exists() and not force:
-        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
-            "already exists; pass --force to overwrite it"
-        raise ResultsError(f"{out}: {hint}")
+    from .train import check_sweep_output, checkpoint_path, remove_stale_temporaries
+    out = check_sweep_output(out, store_path, resume=resume, force=force)
     check_distribute_latents(config, world(), ddp=False)
     with session(config.device) as w:
         lock = WriterLock(out, what="results file") if w.is_main else contextlib.nullcontext()

@@ -54,6 +54,17 @@ class TrainingError(SparsefeatError):
     """Training cannot start or cannot go on (bad settings, a diverged member)."""
 
 
+def check_sweep_output(out, store_path, *, resume: bool, force: bool) -> Path:
+    """The results path of a sweep, refused before any work: never the store itself (even with --force),
+    and an existing file only with --force (a finished sweep has nothing to resume)."""
+    out = check_output(out, force=True, inputs=[store_path])
+    if out.exists() and not force:
+        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
+            "already exists; pass --force to overwrite it"
+        raise ResultsError(f"{out}: {hint}")
+    return out
+
+
 def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | os.PathLike, *,
                 resume: bool = False, force: bool = False, progress: bool = True) -> Path:
     """Train every member of `config` on the store, evaluate, and write the results file `out`.
@@ -61,11 +72,7 @@ def train_sweep(store_path: str | os.PathLike, config: SweepConfig, out: str | o
     `resume=True` continues from `<out>.ckpt` when it exists (same config and store, else a one-line
     error) and starts from scratch when it does not; `force=True` replaces an existing results file
     (and discards an old checkpoint unless resuming)."""
-    out = check_output(out, force=True, inputs=[store_path])  # never the store itself, even with --force
-    if out.exists() and not force:
-        hint = "the sweep is already complete; nothing to resume (use --force to train again)" if resume else \
-            "already exists; pass --force to overwrite it"
-        raise ResultsError(f"{out}: {hint}")
+    out = check_sweep_output(out, store_path, resume=resume, force=force)
     with WriterLock(out, what="results file"):  # one sweep per results file (and its checkpoint)
         remove_stale_temporaries(out)
         with ActivationStore(store_path) as store:
