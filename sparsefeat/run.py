@@ -378,6 +378,8 @@ def _fits(tp, value, *, in_list: bool) -> bool:
     if tp is Any or tp is object:
         return True
     if origin in (typing.Union, types.UnionType):
+        if value is None:  # only a Python override can say None (TOML has no null): "no limit" and the like
+            return type(None) in args
         return any(_fits(a, value, in_list=in_list) for a in args if a is not type(None))
     if origin in (list, tuple):
         return isinstance(value, list) and all(_fits(args[0] if args else Any, v, in_list=True) for v in value)

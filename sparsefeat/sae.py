@@ -50,6 +50,9 @@ class SAEOptions:
     encoder_init: str = field(default="transpose", metadata={
         "help": "initial encoder: 'transpose' (the decoder's transpose, as Gao et al.) or 'random' "
                 "(uniform in ±1/sqrt(d), as torch.nn.Linear)", "choices": ("transpose", "random")})
+    encoder_scale: float = field(default=1.0, metadata={
+        "help": "the initial encoder rows are scaled by this (0.1: codes start near zero, so the first Adam "
+                "steps do not spend themselves shrinking a reconstruction that starts far too large)"})
     pre_bias: str = field(default="median", metadata={
         "help": "initial decoder bias (topk: the bias b subtracted before encoding): 'none' (zeros), "
                 "'mean' or 'median' (geometric median) of a sample of training rows",
@@ -60,6 +63,8 @@ class SAEOptions:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+        if not self.encoder_scale > 0:
+            raise ConfigError(f"encoder_scale must be positive, got {self.encoder_scale}")
 
 
 @dataclass
@@ -130,7 +135,7 @@ def initial_weights(d: int, size: int, seed: int, options: SAEOptions) -> dict[s
     else:
         bound = 1.0 / d ** 0.5
         encoder = torch.empty(size, d).uniform_(-bound, bound, generator=g)
-    return dict(encoder=encoder, decoder=decoder)
+    return dict(encoder=encoder * options.encoder_scale, decoder=decoder)
 
 
 class SAE(torch.nn.Module):
