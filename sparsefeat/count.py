@@ -5,7 +5,8 @@ The rule (argued in docs/method.md):
 1. A latent is *alive* if it fires on the test split (frequency > `alive_frequency`).
 2. Within one dictionary, alive latents whose decoder atoms have cosine >= max(`merge_floor`, chance) are
    one *direction* (a feature split into near-duplicates counts once); chance = the `random_quantile`
-   quantile of the best cosine between random unit atoms of the same width and number.
+   quantile of the best cosine between as many random unit atoms in as many dimensions as the atoms
+   span (their participation ratio: atoms tiling a 3-D sphere agree by chance as in 3-D, not in d).
 3. A direction is *reproduced* if a second seed of the same size has a direction matched to it one-to-one
    (Hungarian) with cosine >= tau = max(`match_floor`, chance). N(m) = reproduced directions at size m, averaged over seed pairs.
 4. The estimate is the plateau of N(m): the first size after which N neither rises by more than
@@ -59,6 +60,10 @@ class CountConfig:
         "help": "relative rise of the reproduced count that still counts as a plateau"})
     saturation_slack: float = field(default=2.0, metadata={
         "help": "absolute rise (latents) that still counts as a plateau"})
+    chance_dimension: str = field(default="span", metadata={
+        "help": "width at which chance agreement between atoms is computed: 'span' (the participation ratio "
+                "of the atoms' second moment: atoms on a 3-D sphere agree by chance as in 3 dimensions) or "
+                "'width' (d)", "choices": ("span", "width")})
     bootstrap: int = field(default=500, metadata={
         "help": "bootstrap resamples of the test rows for the held-out-loss noise"})
     confidence: float = field(default=0.95, metadata={
@@ -87,6 +92,8 @@ class CountConfig:
             raise ConfigError(f"collapse_fvu must be positive, got {self.collapse_fvu}")
         if self.bootstrap < 10:
             raise ConfigError(f"bootstrap must be at least 10, got {self.bootstrap}")
+        if self.chance_dimension not in ("span", "width"):
+            raise ConfigError(f"chance_dimension must be 'span' or 'width', not {self.chance_dimension!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +107,7 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1024)
-def random_match_threshold(d: int, m: int, quantile: float = 0.99) -> float:
+def random_match_threshold(d: float, m: int, quantile: float = 0.99) -> float:
     """The `quantile` of max_j cos(a, b_j) for a unit atom a and m independent random unit atoms b_j in d dims.
 
     A cosine this high arises by chance between unrelated atoms, so a match must beat it. Exact: for a
@@ -116,12 +123,34 @@ def random_match_threshold(d: int, m: int, quantile: float = 0.99) -> float:
     return float(2 * beta.isf(upper, half, half) - 1)
 
 
-def match_threshold(d: int, m: int, config: CountConfig) -> float:
+def span_dimension(*decoders: np.ndarray) -> float:
+    """The number of dimensions the atoms actually use: the participation ratio (Σλ)²/Σλ² = 1/tr(M²) of
+    the second-moment matrix M = UᵀU/n of the unit atoms U of all `decoders` stacked (d when they spread
+    evenly over all d dimensions, 3 when they all lie in a 3-dimensional subspace)."""
+    atoms = [_unit_rows(a) for a in decoders if np.asarray(a).shape[0] > 0]
+    if not atoms:
+        return 1.0
+    u = np.concatenate(atoms)
+    second = u.T @ u / u.shape[0]
+    return float(1.0 / max(np.sum(second * second), 1e-12))
+
+
+def chance_dimension(d: int, decoders, config: CountConfig) -> float:
+    """The width at which chance agreement is computed: d, or the atoms' span (config.chance_dimension).
+    Atoms confined to a few dimensions (a circle, a sphere, a low-rank Gaussian) agree by chance far more
+    often than random atoms in d dimensions: 128 atoms tiling a 3-D sphere give every atom of a second
+    seed a neighbour within 20 degrees."""
+    if config.chance_dimension == "width":
+        return float(d)
+    return min(float(d), max(2.0, span_dimension(*decoders)))
+
+
+def match_threshold(d: float, m: int, config: CountConfig) -> float:
     """tau = max(match_floor, random_match_threshold(d, m)): latents of two seeds are the same direction."""
     return max(config.match_floor, random_match_threshold(d, max(m, 1), config.random_quantile))
 
 
-def merge_threshold(d: int, m: int, config: CountConfig) -> float:
+def merge_threshold(d: float, m: int, config: CountConfig) -> float:
     """max(merge_floor, random_match_threshold(d, m)): latents of one dictionary are one (split) direction."""
     return max(config.merge_floor, random_match_threshold(d, max(m, 1), config.random_quantile))
 
@@ -517,12 +546,17 @@ def size_row(r, size: int, members: list, config: CountConfig) -> SizeRow:
         values = [v for v in values if v is not None and not math.isnan(v)]
         return float(np.mean(values)) if values else math.nan
 
-    tau = match_threshold(int(r.d), size, config)
-    merge = merge_threshold(int(r.d), size, config)
     pairs = list(itertools.combinations(members, 2))[:config.max_seed_pairs]
-    found = [reproduced_directions(r.decoder(a.id), r.decoder(b.id), tau,
-                                   r.feature_frequency(a.id, "test"), r.feature_frequency(b.id, "test"),
-                                   config.alive_frequency, merge, config.merge_opposite) for a, b in pairs]
+    found, taus = [], []
+    for a, b in pairs:
+        dec_a, dec_b = r.decoder(a.id), r.decoder(b.id)
+        freq_a, freq_b = r.feature_frequency(a.id, "test"), r.feature_frequency(b.id, "test")
+        width = chance_dimension(int(r.d), [_alive(dec_a, freq_a, config.alive_frequency)[0],
+                                            _alive(dec_b, freq_b, config.alive_frequency)[0]], config)
+        taus.append(match_threshold(width, size, config))
+        found.append(reproduced_directions(dec_a, dec_b, taus[-1], freq_a, freq_b, config.alive_frequency,
+                                           merge_threshold(width, size, config), config.merge_opposite))
+    tau = float(np.mean(taus)) if taus else match_threshold(int(r.d), size, config)
     return SizeRow(size=size, seeds=len(members), train_mse=mean("train", "mse"), test_mse=mean("test", "mse"),
                    train_fvu=mean("train", "fvu"), test_fvu=mean("test", "fvu"),
                    train_objective=mean("train", "loss"),

@@ -44,6 +44,36 @@ def test_threshold_is_at_least_the_floor_and_rises_in_few_dimensions():
     assert C.match_threshold(384, 512, C.CountConfig()) == 0.9
 
 
+def test_span_dimension_is_the_number_of_dimensions_the_atoms_use():
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 3)))[0].T  # 3 orthonormal rows in 32-D
+    in_three = random_atoms(200, 3, 1) @ basis
+    assert C.span_dimension(in_three) == pytest.approx(3, rel=0.1)
+    assert C.span_dimension(random_atoms(2000, 32, 2)) == pytest.approx(32, rel=0.1)
+    assert C.span_dimension(in_three, random_atoms(200, 3, 3) @ basis) == pytest.approx(3, rel=0.1)
+
+
+def test_atoms_tiling_a_low_dimensional_subspace_are_not_reproduced_features():
+    """Two seeds that tile a 3-D sphere in 32 dims with 128 atoms each: every atom has a neighbour within
+    chance of the other seed. Chance computed at the width d calls most of them reproduced; at the atoms'
+    span it calls none (the manifold controls circle and sphere, and their matched nulls)."""
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 3)))[0].T
+    a, b = random_atoms(128, 3, 1) @ basis, random_atoms(128, 3, 2) @ basis
+
+    def count(mode):
+        cfg = C.CountConfig(chance_dimension=mode)
+        width = C.chance_dimension(32, [a, b], cfg)
+        return C.reproduced_directions(a, b, C.match_threshold(width, 128, cfg), merge=C.merge_threshold(width, 128, cfg))
+
+    assert count("width") >= 5
+    assert count("span") == 0
+    # features spread over all 32 dimensions are still found in full
+    features = random_atoms(64, 32, 4)
+    cfg = C.CountConfig()
+    x, y = near(features, 0.98, 5), near(features, 0.98, 6)
+    width = C.chance_dimension(32, [x, y], cfg)
+    assert C.reproduced_directions(x, y, C.match_threshold(width, 64, cfg), merge=C.merge_threshold(width, 64, cfg)) == 64
+
+
 def test_near_duplicates_count_once_and_distinct_features_stay_apart():
     features = random_atoms(40, 32, 0)
     twins = near(features[:25], 0.97, 1)  # 25 features split into near-duplicates
