@@ -41,6 +41,9 @@ def test_initial_weights_depend_on_seed_size_and_width_only():
     assert not torch.equal(a["decoder"], initial_weights(D, 10, 4, SAEOptions())["decoder"])
     torch.testing.assert_close(a["decoder"].norm(dim=1), torch.ones(10))
     assert torch.equal(a["encoder"], a["decoder"])  # "transpose": W_e = W_dᵀ in the [m, d] layout
+    torch.testing.assert_close(initial_weights(D, 10, 3, SAEOptions(encoder_scale=0.1))["encoder"], 0.1 * a["decoder"])
+    with pytest.raises(ConfigError, match="encoder_scale"):
+        SAEOptions(encoder_scale=0.0)
     # A member's weights do not depend on the other members of its stack, nor on its sparsity.
     s = stack(sparsities=(0.1, 0.5, 0.9), seeds=(7, 3, 5))
     alone = stack(sparsities=(0.2,), seeds=(3,))
