@@ -10,8 +10,11 @@
 # machine's X.Y> -d .gpu-wheels h5py scipy tqdm pytest), into .gpu-site/, else it stops and says so.
 #
 # Steps: versions; the trainer's CUDA tests (CUDA vs CPU, bf16 autocast + pinned prefetch +
-# torch.compile, no host synchronisation in the step loop); the CPU-equivalence tests on this
-# machine; bench_train.py on cuda. Each step has its own time limit and prints its numbers.
+# torch.compile, no host synchronisation in the step loop); bench_gpu.py (bf16 matmul TFLOP/s, the
+# trainer's FLOP rate at d=768 m=24576 batch 8192 against it, the store stream against host-to-device
+# bandwidth; expected under a minute, not yet run on a GPU); the CPU-equivalence tests on this
+# machine; a torchrun/NCCL sweep against one process; bench_train.py on cuda. Each step has its own
+# time limit and prints its numbers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -39,6 +42,9 @@ fi
 
 echo "== trainer tests on CUDA"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train.py -k cuda --durations=5 || status=1
+
+echo "== bench_gpu.py: bf16 matmul rate, SAE training FLOP rate against it, store stream against H2D copy"
+timeout 120 "$PY" benchmarks/bench_gpu.py --device cuda || status=1
 
 echo "== sweep = solo and resume = uninterrupted (CPU code path, this machine)"
 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py -k "alone or resume_after" || status=1
