@@ -62,7 +62,11 @@ def test_quick_run_prints_three_exponents():
     assert out.returncode == 0, out.stderr
     lines = re.findall(r"^(.*): exponent b=(-?\d+\.\d+) \(expected ~1: .+\)$", out.stdout, flags=re.M)
     assert [label for label, _ in lines] == ["step time vs m", "sweep time vs members", "stream time vs rows"]
-    assert all(np.isfinite(float(b)) for _, b in lines)
-    # the memory table has a row per store with finite growth figures (anonymous and file-backed)
-    rows = re.findall(r"^\s+(\d+)\s+\d+\s+[\d.]+\s+\d+\s+[\d.]*\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out.stdout, flags=re.M)
-    assert [int(r[0]) for r in rows] == [4000, 8000, 16000]
+    # the memory table: a row per store; streaming touches every page of the file through its map, so the
+    # file-backed growth is at least the file, while the process's own (anonymous) memory stays small
+    table = re.compile(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+\d+\s+[\d.]*\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", re.M)
+    rows = [[float(v) for v in r] for r in table.findall(out.stdout)]
+    assert [r[0] for r in rows] == [4000, 8000, 16000]
+    n, file_mb, total, anon, file_backed = rows[-1]
+    assert file_backed >= 0.9 * file_mb and total >= file_backed
+    assert anon < 0.5 * file_mb
