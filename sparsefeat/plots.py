@@ -151,6 +151,8 @@ def _grid(n: int, rows_per_panel: int = 1, width: float = 3.4, height: float = 2
     for k in range(n, block_rows * cols):
         for r in range(rows_per_panel):
             axes[(k // cols) * rows_per_panel + r, k % cols].set_visible(False)
+        if k - cols >= 0:  # the panel above an empty slot is the bottom of its column: it keeps its x ticks
+            blocks[k - cols][-1].xaxis.set_tick_params(labelbottom=True)
     return fig, blocks
 
 

@@ -59,6 +59,13 @@ def assert_readable(fig):
         legend = ax.get_legend()
         if legend is not None:
             assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    lowest = {}  # column -> the lowest visible panel: its x axis must be labelled (no panel below carries it)
+    for ax in axes_of(fig):
+        spec = ax.get_subplotspec()
+        if spec is not None and (spec.colspan.start not in lowest or spec.rowspan.start > lowest[spec.colspan.start][0]):
+            lowest[spec.colspan.start] = (spec.rowspan.start, ax)
+    for _, ax in lowest.values():
+        assert [t for t in ax.xaxis.get_majorticklabels() if t.get_visible() and t.get_text()], ax.get_title()
 
 
 @pytest.fixture
@@ -179,6 +186,14 @@ def test_frontier_figure_puts_each_data_set_beside_its_null(tmp_path):
     want = sorted((s.l0, s.test_fvu) for c in counts if c.label == "toy" for s in c.sizes if s.size == 16)
     np.testing.assert_allclose(np.c_[data.get_xdata(), data.get_ydata()], want)
     assert len(data.get_xdata()) == 2  # one point per sparsity setting
+    assert_readable(fig)
+
+
+def test_a_panel_above_an_empty_slot_keeps_its_x_tick_labels():
+    fig, blocks = plots._grid(plots.MAX_COLUMNS + 1)  # one full row, then one panel alone below the first
+    for block in blocks:
+        block[0].set_xscale("log")
+        block[0].plot([1, 100], [1, 2])
     assert_readable(fig)
 
 
