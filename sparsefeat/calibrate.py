@@ -187,7 +187,8 @@ def _measure(store_path, sweep, size: int, values: list[float], steps: int, labe
     from .results import load_results
     from .train import train_sweep
     cfg = dataclasses.replace(sweep, sizes=[str(size)], l1=list(values), seeds=list(sweep.seeds[:1]), steps=steps,
-                              epochs=None, checkpoint_every=0, test_curve_points=0, label=f"{label} calibration")
+                              epochs=None, checkpoint_every=0, test_curve_points=0, cooldown_steps=0,
+                              label=f"{label} calibration")
     with tempfile.TemporaryDirectory(prefix="sparsefeat-calibration-") as tmp:
         path = train_sweep(store_path, cfg, Path(tmp) / "calibration.h5", force=True, progress=progress)
         with load_results(path) as r:

@@ -40,6 +40,10 @@ class SweepConfig:
                 "--converge-tolerance over the last this many steps (a multiple of --converge-every)"})
     converge_tolerance: float = field(default=0.01, metadata={
         "help": "steps=auto: relative improvement of the held-out loss over the window below which a size stops"})
+    cooldown_steps: int = field(default=0, metadata={
+        "help": "steps=auto: once a size stops (converged, or at --max-steps) its learning rate falls linearly "
+                "to 0 over this many more steps (warm-stable-decay), so its final weights sit below the noise "
+                "of a constant step: a larger dictionary then does not end above a smaller one by that noise"})
     epochs: float | None = field(default=None, metadata={"help": "train for this many passes over the train split"})
     batch_size: int = field(default=256, metadata={"help": "rows per training step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
@@ -82,6 +86,9 @@ class SweepConfig:
             raise ConfigError("give --steps or --epochs, not both")
         if self.auto_steps:
             self._check_auto()
+        elif self.cooldown_steps:
+            raise ConfigError("--cooldown-steps is for --steps auto (with a step count, --lr-schedule linear or "
+                              "cosine decays to the last step)")
         for name in ("epochs",) if self.auto_steps else ("steps", "epochs"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -124,6 +131,8 @@ class SweepConfig:
                               f"({self.converge_every})")
         if not (math.isfinite(self.converge_tolerance) and self.converge_tolerance >= 0):
             raise ConfigError(f"converge-tolerance must be finite and >= 0, got {self.converge_tolerance}")
+        if int(self.cooldown_steps) != self.cooldown_steps or self.cooldown_steps < 0:
+            raise ConfigError(f"cooldown-steps must be a whole number >= 0, got {self.cooldown_steps}")
         if self.lr_schedule != "constant":  # a decay needs to know the last step in advance
             raise ConfigError(f"--steps auto needs --lr-schedule constant (a {self.lr_schedule} decay ends at a "
                               "fixed last step); give a step count for a decaying schedule")

@@ -44,7 +44,8 @@ from .signals import SignalThresholds, cross_member_signals
 from .store import ActivationStore, to_json
 from .sweep_config import DEFAULT_STEPS, MemberSpec, SweepConfig, parse_size  # noqa: F401 (re-exported)
 
-CHECKPOINT_VERSION = 3  # 3: stop state (steps=auto) and firing counters; 2: curves are float64 tensors
+CHECKPOINT_VERSION = 4  # 4: one Adam parameter group per stack (cool-down); 3: stop state (steps=auto) and
+                        # firing counters; 2: curves are float64 tensors
 STOP_FIXED, STOP_CONVERGED, STOP_MAX = "fixed", "converged", "max_steps"  # why a size stopped training
 RESUMABLE_CHANGES = ("device", "compile", "prefetch")  # settings a resumed run may change
 RESAMPLE_ROWS = 8192  # training rows whose reconstruction errors choose where dead latents restart
@@ -154,6 +155,9 @@ class Sweep:
         self.total_steps = (config.max_steps if self.auto else config.steps if config.steps is not None else
                             max(1, math.ceil(config.epochs * self.batches_per_epoch)) if config.epochs is not None
                             else DEFAULT_STEPS)
+        # steps=auto: a size that stops at step s trains on to s + cooldown with a learning rate falling to 0
+        self.cooldown = int(config.cooldown_steps) if self.auto else 0
+        self.end_step = self.total_steps + self.cooldown
         self.device = resolve_device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise TrainingError(f"{self.out}: --bf16 needs a CUDA device (this run uses {self.device})")
@@ -167,14 +171,14 @@ class Sweep:
         self.step = 0
         self.checkpoint_step: int | None = None  # step of the checkpoint on disk that this run wrote or resumed
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
-        self.stopped: dict[int, tuple[int, str]] = {}  # size -> (step it stopped at, why)
+        self.stopped: dict[int, tuple[int, str]] = {}  # size -> (step it stopped at, why); its cool-down follows
         self.resampled: list[list[int]] = []  # [step, stack, member, latents re-initialised] per resampling
         if state is None:
             self.scale, self.bias = self._sample_statistics()
         else:
             self.scale, self.bias = float(state["scale"]), state["bias"]
         self.stacks, self.stack_specs = self._build_stacks()
-        self.optimizer = _adam([p for st in self.stacks for p in st.parameters()], config.lr)
+        self.optimizer = _adam([{"params": list(st.parameters())} for st in self.stacks], config.lr)  # a group a stack
         if state is not None:
             self._restore(state)
         self.resample_steps = set(config.resample_steps)
@@ -189,7 +193,8 @@ class Sweep:
 
     def startup_line(self) -> str:
         sizes = ", ".join(str(m) for m in sorted({s.size for s in self.specs}))
-        steps = (f"steps until converged ({self.config.min_steps}..{self.total_steps})" if self.auto
+        cooldown = f" + a cool-down of {self.cooldown}" if self.cooldown else ""
+        steps = (f"steps until converged ({self.config.min_steps}..{self.total_steps}){cooldown}" if self.auto
                  else f"{self.total_steps} steps")
         return (f"sweep {self.label}: {len(self.specs)} members (sizes {sizes}), {steps} on "
                 f"{self.device}; memory {self.memory.describe()}")
@@ -210,19 +215,31 @@ class Sweep:
     def finished(self) -> bool:
         """Every size has stopped (steps=auto: converged or at max_steps; fixed: at the last step)."""
         # only the sizes this process trains: under torchrun a rank with its own members stops when they have
-        return self.step >= self.total_steps or len(self.stopped) == len({s.size for s in self.trained})
+        if self.step >= self.end_step:
+            return True
+        sizes = {s.size for s in self.trained}
+        return len(self.stopped) == len(sizes) and all(self.step >= step + self.cooldown
+                                                       for step, _ in self.stopped.values())
 
     def active(self, i: int) -> bool:
-        """Whether stack i still trains (its size has not stopped)."""
-        return self.stack_specs[i][0].size not in self.stopped
+        """Whether stack i still trains (its size has not stopped, or is in its cool-down)."""
+        stop = self.stopped.get(self.stack_specs[i][0].size)
+        return stop is None or self.step < stop[0] + self.cooldown
+
+    def lr_factor(self, i: int) -> float:
+        """Stack i's share of the learning rate: 1, then from its stop a linear fall to 0 over the cool-down."""
+        stop = self.stopped.get(self.stack_specs[i][0].size)
+        if stop is None or not self.cooldown:
+            return 1.0
+        return max(0.0, 1.0 - (self.step - stop[0]) / self.cooldown)
 
     def train(self, until: int | None = None) -> None:
         """Train up to step `until` (default: the end), logging at every `log_every` steps and at `until`.
         With steps=auto a size stops at a held-out check once converged; training ends when all have."""
         cfg = self.config
-        until = self.total_steps if until is None else min(until, self.total_steps)
+        until = self.end_step if until is None else min(until, self.end_step)
         pending = []  # per step since the last log: each stack's per-member losses, still on the device
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc=f"sweep {self.label}",
+        bar = tqdm(total=self.end_step, initial=self.step, disable=not self.progress, desc=f"sweep {self.label}",
                    unit="step", dynamic_ncols=True)
         try:
             while self.step < until and not self.finished:
@@ -308,7 +325,9 @@ class Sweep:
         curve had met the rule by then has converged all the same (it only trained longer)."""
         step, reason = self.stopped.get(spec.size, (self.step, STOP_FIXED))
         converged = None if reason == STOP_FIXED else reason == STOP_CONVERGED or self._member_converged(spec, step)
-        return dict(steps_trained=int(step), stop_reason=reason, converged=converged)
+        # judged where it stopped (the cool-down lowers the loss once more); trained to the cool-down's end
+        trained = min(step + self.cooldown, self.step) if reason != STOP_FIXED else step
+        return dict(steps_trained=int(trained), stop_reason=reason, converged=converged)
 
     def _member_converged(self, spec: MemberSpec, step: int) -> bool:
         """Whether member `spec`'s held-out curve meets the convergence rule at `step` (steps=auto)."""
@@ -334,10 +353,10 @@ class Sweep:
         x = batch.to(self.device, non_blocking=True)
         if self.scale != 1.0:
             x = x * self.scale
-        if cfg.lr_schedule != "constant" or self.step < cfg.warmup_steps:
+        if cfg.lr_schedule != "constant" or self.step < cfg.warmup_steps or (self.cooldown and self.stopped):
             lr = learning_rate(self.step, self.total_steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for i, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = lr * self.lr_factor(i)
         losses = []
         for i, (st, fn) in enumerate(zip(self.stacks, self._step_fns)):
             if self.stopped and not self.active(i):  # a stopped size: no gradient, so Adam leaves it as it is

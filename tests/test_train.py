@@ -859,6 +859,76 @@ def test_auto_steps_resume_after_sigkill_ends_like_an_uninterrupted_run(small_st
         assert_same_member(whole, resumed, ma, mb)
 
 
+# ---- cool-down: after a size stops, its learning rate falls linearly to 0 -----------------------------
+
+
+def cooldown_config(**kw):
+    base = dict(sizes=["4", "32"], l1=[0.1, 0.5], seeds=[0, 1], steps="auto", batch_size=64, log_every=20,
+                min_steps=100, max_steps=3000, converge_every=20, converge_window=60, checkpoint_every=40,
+                cooldown_steps=40)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def test_cooldown_lowers_a_stopped_sizes_learning_rate_to_zero_while_others_train_on(small_store, tmp_path):
+    from sparsefeat.train import Sweep
+    cfg = cooldown_config()
+    with ActivationStore(small_store) as store:
+        sweep = Sweep(store, cfg, tmp_path / "cool.h5", progress=False)
+        while not sweep.stopped:
+            sweep.train(until=sweep.step + 20)
+        (size, (stop, reason)), = sweep.stopped.items()
+        assert size == 4 and reason == "converged"
+        sweep.train(until=stop + 11)  # the step from stop + 10 ran at 1 - 10/40 of the learning rate
+        small = next(i for i, specs in enumerate(sweep.stack_specs) if specs[0].size == size)
+        lrs = {specs[0].size: g["lr"] for specs, g in zip(sweep.stack_specs, sweep.optimizer.param_groups)}
+        assert lrs == {4: pytest.approx(0.75 * cfg.lr), 32: cfg.lr}
+        assert sweep.active(small) and not sweep.finished
+        sweep.train(until=stop + cfg.cooldown_steps)
+        assert not sweep.active(small)  # after the cool-down it stops for good: Adam no longer moves it
+        frozen = sweep.stacks[small].decoder.detach().clone()
+        sweep.train(until=sweep.step + 20)
+        assert torch.equal(sweep.stacks[small].decoder, frozen)
+        sweep.train()
+        records = {spec.id: sweep.stop_record(spec) for spec in sweep.specs}
+    for spec in sweep.specs:
+        step, why = sweep.stopped[spec.size]
+        assert records[spec.id]["steps_trained"] == step + 40  # judged where it stopped, trained 40 steps more
+        assert records[spec.id]["stop_reason"] == why
+    assert sweep.step == max(step for step, _ in sweep.stopped.values()) + 40
+
+
+def test_cooldown_after_max_steps_extends_the_run_by_the_cooldown(small_store, tmp_path):
+    cfg = small_config(steps="auto", min_steps=40, max_steps=60, converge_every=20, converge_window=40,
+                       converge_tolerance=0.0, sizes=["8", "16"], l1=[0.1], lr=1e-4, cooldown_steps=30)
+    r = load_results(train_sweep(small_store, cfg, tmp_path / "max.h5", progress=False))
+    assert [(m.steps_trained, m.training["stop_reason"], m.converged) for m in r.members] == [(90, "max_steps", False)] * 4
+    assert r.config["run"]["total_steps"] == 90
+
+
+def test_a_run_resumed_inside_a_cooldown_ends_like_an_uninterrupted_one(small_store, tmp_path):
+    from sparsefeat.train import Sweep
+    cfg = cooldown_config()
+    whole = load_results(train_sweep(small_store, cfg, tmp_path / "whole.h5", progress=False))
+    first_stop = min(m.steps_trained for m in whole.members) - 40
+    out = tmp_path / "resumed.h5"
+    with ActivationStore(small_store) as store:
+        sweep = Sweep(store, cfg, out, progress=False)
+        sweep.train(until=first_stop + 20)  # half way down the first size's cool-down, a checkpoint step
+        assert sweep.checkpoint_step == first_stop + 20 and sweep.lr_factor(0) == pytest.approx(0.5)
+    resumed = load_results(train_sweep(small_store, cfg, out, resume=True, progress=False))
+    for ma, mb in zip(whole.members, resumed.members):
+        assert mb.training == ma.training
+        assert_same_member(whole, resumed, ma, mb)
+
+
+def test_cooldown_is_for_auto_steps_and_whole_numbers():
+    with pytest.raises(SparsefeatError, match="cooldown-steps is for --steps auto"):
+        SweepConfig(steps=100, cooldown_steps=50)
+    with pytest.raises(SparsefeatError, match="cooldown-steps must be a whole number"):
+        SweepConfig(steps="auto", cooldown_steps=-1)
+
+
 def test_count_reads_no_plateau_from_sizes_that_did_not_converge(toy_sweep):
     from sparsefeat.count import CountConfig, count_sweep
     with load_results(toy_sweep.path) as r:
