@@ -41,7 +41,8 @@ class SweepConfig:
     converge_tolerance: float = field(default=0.01, metadata={
         "help": "steps=auto: relative improvement of the held-out loss over the window below which a size stops"})
     cooldown_steps: int = field(default=0, metadata={
-        "help": "steps=auto: once a size stops (converged, or at --max-steps) its learning rate falls linearly "
+        "help": "steps=auto (ignored with a step count, where --lr-schedule linear or cosine decays): once a "
+                "size stops (converged, or at --max-steps) its learning rate falls linearly "
                 "to 0 over this many more steps (warm-stable-decay), so its final weights sit below the noise "
                 "of a constant step: a larger dictionary then does not end above a smaller one by that noise"})
     epochs: float | None = field(default=None, metadata={"help": "train for this many passes over the train split"})
@@ -85,10 +86,7 @@ class SweepConfig:
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give --steps or --epochs, not both")
         if self.auto_steps:
-            self._check_auto()
-        elif self.cooldown_steps:
-            raise ConfigError("--cooldown-steps is for --steps auto (with a step count, --lr-schedule linear or "
-                              "cosine decays to the last step)")
+            self._check_auto()  # with a step count the cool-down does not apply: --lr-schedule decays instead
         for name in ("epochs",) if self.auto_steps else ("steps", "epochs"):
             v = getattr(self, name)
             if v is not None and v <= 0:

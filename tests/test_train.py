@@ -922,11 +922,15 @@ def test_a_run_resumed_inside_a_cooldown_ends_like_an_uninterrupted_one(small_st
         assert_same_member(whole, resumed, ma, mb)
 
 
-def test_cooldown_is_for_auto_steps_and_whole_numbers():
-    with pytest.raises(SparsefeatError, match="cooldown-steps is for --steps auto"):
-        SweepConfig(steps=100, cooldown_steps=50)
+def test_cooldown_is_for_auto_steps_and_whole_numbers(small_store, tmp_path):
     with pytest.raises(SparsefeatError, match="cooldown-steps must be a whole number"):
         SweepConfig(steps="auto", cooldown_steps=-1)
+    # with a step count there is no stop to cool down from: the run is the same with or without one
+    plain = load_results(train_sweep(small_store, small_config(), tmp_path / "plain.h5", progress=False))
+    cooled = load_results(train_sweep(small_store, small_config(cooldown_steps=50), tmp_path / "c.h5", progress=False))
+    for ma, mb in zip(plain.members, cooled.members):
+        assert mb.steps_trained == ma.steps_trained == 120
+        np.testing.assert_array_equal(cooled.decoder(mb.id), plain.decoder(ma.id))
 
 
 def test_count_reads_no_plateau_from_sizes_that_did_not_converge(toy_sweep):
