@@ -347,6 +347,13 @@ def agreement_vs_size(counts: list[SweepCount], hs: list[Headline] | None = None
     return fig
 
 
+def _count_axis(ax) -> None:
+    """A y axis of counts: from 0, whole-number ticks, at least 0..1 (a count of 0 at every size would
+    otherwise get matplotlib's ±0.05 range and ticks at 0.006, 0.012, ... latents)."""
+    ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _by_setting(counts: list[SweepCount], hs: list[Headline] | None, key: str, ylabel: str, title: str,
                 keep=lambda c: True, ylim=None, expected: bool = True) -> Figure:
     """One panel per dataset/site, one line per sparsity setting (the headline setting thick and
@@ -379,8 +386,7 @@ def _by_setting(counts: list[SweepCount], hs: list[Headline] | None, key: str, y
         if ylim:
             ax.set_ylim(*ylim)
         else:
-            ax.set_ylim(bottom=0)
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            _count_axis(ax)
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     _finish_size_panels(fig, _sizes(counts), blocks, ylabel, log_y=False)
     fig.suptitle(title, fontsize=10)
@@ -423,8 +429,7 @@ def summary(counts: list[SweepCount], hs: list[Headline] | None = None) -> Figur
         if h.estimate is not None:
             top.axhspan(h.estimate - h.uncertainty, h.estimate + h.uncertainty, color="C0", alpha=0.12, linewidth=0,
                         label="estimate ± uncertainty")
-        top.set_ylim(bottom=0)
-        top.yaxis.set_major_locator(MaxNLocator(integer=True))
+        _count_axis(top)
         number = (f"{h.estimate:.0f}±{h.uncertainty:.0f} features" if h.estimate is not None
                   else f"no estimate ({h.reason})")
         top.set_title(f"{p.title}\n{number}", fontsize=8)

@@ -197,6 +197,15 @@ def test_a_panel_above_an_empty_slot_keeps_its_x_tick_labels():
     assert_readable(fig)
 
 
+def test_a_count_of_zero_at_every_size_gets_whole_number_ticks():
+    from matplotlib.figure import Figure
+    ax = Figure().subplots()
+    ax.plot([16, 32, 64], [0, 0, 0])
+    plots._count_axis(ax)
+    ticks = [t for t in ax.get_yticks() if 0 <= t <= ax.get_ylim()[1]]
+    assert ax.get_ylim() == (0, 1) and ticks and all(float(t).is_integer() for t in ticks)
+
+
 def test_narrow_log_ranges_get_plain_ticks_that_do_not_overlap():
     assert plots._plain_ticks((0.2, 0.65)) == [0.2, 0.3, 0.5]
     assert plots._plain_ticks((0.012, 2.0)) == [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0][::2]
