@@ -154,7 +154,10 @@ def record_start(out: Path) -> dict:
 
 def write_results_md(out: Path, result, seconds: float, started: dict) -> Path:
     entries = json.loads((out / "count.json").read_text())
-    chosen = {e["label"]: e for e in entries if e.get("headline")}
+    chosen = {}  # per site: the entry of its chosen setting (every entry of a site carries the headline)
+    for e in entries:
+        if e.get("headline") and (e.get("chosen") or e["label"] not in chosen):
+            chosen[e["label"]] = e if e.get("chosen") or e["label"] not in chosen else chosen[e["label"]]
     lines = [f"# {NAME}: MiniLM-L6", "",
              f"Started {started['started']} at commit {started['commit']}; this table written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} at commit {git_commit()}. Study folder `{out}`; stage "

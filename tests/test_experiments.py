@@ -42,6 +42,10 @@ def test_minilm_study_writes_one_row_per_site_with_headline_fit_and_controls(min
     for e in entries:
         assert "fit" in e["headline"] and "exponent" in e["headline"]["fit"]
         assert f"## {e['label']} at " in table  # its per-size table
+        if e.get("chosen"):  # the per-size table is the chosen setting's (every entry carries the headline)
+            assert f"## {e['label']} at {e['headline']['setting']}\n" in table
+            first = e["sizes"][0]
+            assert f"| {first['size']} | {first['test_fvu']:.3f} | {first['train_fvu']:.3f} |" in table
     assert "results:" in done.stdout
 
 
