@@ -157,7 +157,7 @@ def write_results_md(out: Path, result, seconds: float, started: dict) -> Path:
     chosen = {}  # per site: the entry of its chosen setting (every entry of a site carries the headline)
     for e in entries:
         if e.get("headline") and (e.get("chosen") or e["label"] not in chosen):
-            chosen[e["label"]] = e if e.get("chosen") or e["label"] not in chosen else chosen[e["label"]]
+            chosen[e["label"]] = e
     lines = [f"# {NAME}: MiniLM-L6", "",
              f"Started {started['started']} at commit {started['commit']}; this table written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} at commit {git_commit()}. Study folder `{out}`; stage "

@@ -331,8 +331,7 @@ def agreement_vs_size(counts: list[SweepCount], hs: list[Headline] | None = None
             if ylim:
                 ax.set_ylim(*ylim)
             else:
-                ax.set_ylim(bottom=0)
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+                _count_axis(ax)
         block[0].set_title(p.title + _controls_note(p), fontsize=8)
         for ax, (_, ylabel, _) in zip(block, AGREEMENT):
             ax.set_ylabel(ylabel, fontsize=7)

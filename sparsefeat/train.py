@@ -267,14 +267,9 @@ class Sweep:
         Members of one size stop together, so every member of a size trains the same steps and seeds
         stay comparable; a member that converged first trains on with the others (the cost is measured
         in the report of issue 10: a few percent of member-steps on the toys)."""
-        cfg = self.config
-        resampled = [s for s in self.resample_steps if s <= self.step]
-        if self.step < cfg.min_steps or (resampled and self.step < max(resampled) + cfg.converge_window):
-            return  # a resampling step disturbs the loss: judge only a whole window after the last one
         for size in sorted({s.size for s in self.trained} - set(self.stopped)):
             members = [s for s in self.trained if s.size == size]
-            if all(held_out_converged(self.curves[s.id]["test"], self.step, cfg.converge_window,
-                                      cfg.converge_tolerance) for s in members):
+            if all(self._member_converged(s, self.step) for s in members):
                 self.stopped[size] = (self.step, STOP_CONVERGED)
 
     @torch.no_grad()
@@ -334,7 +329,7 @@ class Sweep:
         cfg = self.config
         resampled = [s for s in self.resample_steps if s <= step]
         if step < cfg.min_steps or (resampled and step < max(resampled) + cfg.converge_window):
-            return False
+            return False  # a resampling step disturbs the loss: judge only a whole window after the last one
         return held_out_converged(self.curves[spec.id]["test"], step, cfg.converge_window, cfg.converge_tolerance)
 
     def last_fired(self) -> dict[str, np.ndarray]:
