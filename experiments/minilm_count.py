@@ -171,7 +171,10 @@ def write_results_md(out: Path, result, seconds: float, started: dict) -> Path:
                      f"{comparison_cell(h, 'null')} | {comparison_cell(h, 'layer 0')} | "
                      f"{comparison_cell(h, 'random init')} | {fit_cell(h)} |")
     for label, e in chosen.items():
-        lines += ["", f"## {label} at {e['headline'].get('setting')}", ""] + size_table(e)
+        shown = f"{e['arch']} {e['sparsity_name']}={e['sparsity']:g}"
+        heading = (f"{label} at {e['headline']['setting']}" if e.get("chosen") else
+                   f"{label} at {shown} (no setting chosen: {e['headline'].get('reason')}; the first is shown)")
+        lines += ["", f"## {heading}", ""] + size_table(e)
         if e["headline"].get("warnings"):
             lines += [""] + [f"- {w}" for w in e["headline"]["warnings"]]
     lines += ["", "## Sensitivity: every setting", "", "```", result.summary(), "```", ""]

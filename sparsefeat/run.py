@@ -697,8 +697,10 @@ def check_folder(out: Path, config: StudyConfig, force: bool) -> None:
     if not previous.exists() or force:
         return
     try:
-        same = load_config(previous) == config
-    except SparsefeatError:
+        # as a value (an older study.toml lacks newer keys), or as the table itself: a key that is None in
+        # Python (max_tokens: no limit) is left out of TOML, so loading it back gives the study default
+        same = load_config(previous) == config or tomllib.loads(previous.read_text()) == to_table(config)
+    except (SparsefeatError, tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
         same = False
     if not same:
         raise SparsefeatError(f"{previous}: this folder holds a study with another config; "

@@ -227,3 +227,15 @@ def test_a_headline_line_gives_the_number_the_setting_the_rule_and_the_excess():
     unconverged = _headline(estimate=None, uncertainty=None, size=None, reason="no plateau up to m=128",
                             warnings=["m=128 did not converge in 1000 steps; not read as a plateau"])
     assert "(no plateau up to m=128; m=128 did not converge within the step budget)" in study.headline_line(unconverged)
+
+
+def test_a_folder_accepts_the_same_study_when_a_key_is_none(tmp_path):
+    """TOML has no null: max_tokens = None (the whole corpus) is left out of study.toml, and loading the
+    file back gives the study's default instead; rerunning the same study must still be allowed."""
+    config = study.make_config({"model": {"max_tokens": None}})
+    assert config.model.harvest.max_tokens is None
+    (tmp_path / "study.toml").write_text(study.to_toml(study.to_table(config)))
+    study.check_folder(tmp_path, config, force=False)  # the same study: no error
+    other = study.make_config({"model": {"max_tokens": 1000}})
+    with pytest.raises(study.SparsefeatError, match="another config"):
+        study.check_folder(tmp_path, other, force=False)
