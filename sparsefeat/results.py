@@ -15,7 +15,9 @@ Layout (documented in full in docs/format.md, section "Results file (sweep.h5)")
         signals                        attrs: mmcs_next, mmcs_next_hungarian, share_next_0_9,
                                               shared_seed, mmcs_gt, recovered_gt (NaN: not applicable)
         training                       attrs (version 3): steps_trained, stop_reason, converged,
-                                              dead_never_alive, dead_died_later, resampled
+                                              dead_never_alive, dead_died_later, resampled, and (when the
+                                              member took a smaller one's dictionary) copied_from,
+                                              objective_from_scratch
         last_fired                     [m] int64 (version 3): training step on which each latent last fired
                                        (0: never)
     signals/<table>         compound datasets: the cross-member tables (one row per compared pair)
@@ -56,7 +58,8 @@ SIGNAL_KEYS = ("mmcs_next", "mmcs_next_hungarian", "share_next_0_9", "shared_see
 MEMBER_KEYS = ("id", "arch", "dictionary_size", "sparsity_name", "sparsity", "seed")
 # How a member trained (version 3). Missing in older files, and "converged" missing for fixed step counts
 # (not checked): read as None, "unknown".
-TRAINING_KEYS = ("steps_trained", "stop_reason", "converged", "dead_never_alive", "dead_died_later", "resampled")
+TRAINING_KEYS = ("steps_trained", "stop_reason", "converged", "dead_never_alive", "dead_died_later", "resampled",
+                 "copied_from", "objective_from_scratch")
 
 
 class ResultsError(SparsefeatError):
@@ -79,7 +82,9 @@ class Member:
     # TRAINING_KEYS: steps_trained (int), stop_reason ("converged", "max_steps", "fixed"), converged (bool;
     # None when not checked: a fixed step count, or a file older than version 3); of the latents dead on the
     # test split, dead_never_alive never fired in training and dead_died_later did; resampled: latents
-    # re-initialised in training (relu-l1 resample_steps)
+    # re-initialised in training (relu-l1 resample_steps); copied_from: the smaller size whose dictionary
+    # this member took because from scratch it ended with a higher training objective (None: its own), and
+    # objective_from_scratch: the training objective it ended with from scratch
     training: dict = field(default_factory=dict)
 
     @property
@@ -419,7 +424,7 @@ def _read_training(g: h5py.Group) -> dict:
     out = {k: attrs.get(k) for k in TRAINING_KEYS}
     if out["converged"] is not None:
         out["converged"] = bool(out["converged"])
-    for k in ("steps_trained", "dead_never_alive", "dead_died_later", "resampled"):
+    for k in ("steps_trained", "dead_never_alive", "dead_died_later", "resampled", "copied_from"):
         if out[k] is not None:
             out[k] = int(out[k])
     return out

@@ -829,6 +829,15 @@ def training_checks(result) -> list[str]:
     else:
         lines.append("No size ends with a training objective above a smaller size's on the same setting.")
     lines.append("")
+    copied = [(c, s) for c in result.sweeps for s in c.sizes if s.copied]
+    if copied:
+        members = sum(s.seeds for c in result.sweeps for s in c.sizes)
+        lines += [f"Members that ended above a smaller member of their seed and setting, and took its dictionary "
+                  f"with the extra latents off ({sum(s.copied for _, s in copied)} of {members} members; "
+                  "SweepConfig.copy_smaller_when_worse); their objective from scratch, against the final one:",
+                  *[f"- {c.label} ({c.setting}{', the headline' if id(c) in chosen else ''}): m={s.size}, "
+                    f"{s.copied} of {s.seeds} seeds, {s.scratch_objective / s.train_objective - 1:+.2%} from scratch"
+                    for c, s in copied], ""]
     if dead:
         lines += ["Members with every latent dead in a headline's setting:",
                   *[f"- {c.label} ({c.setting}): {s.all_dead} of {s.seeds} at m={s.size}" for c, s in dead]]

@@ -73,6 +73,12 @@ class SweepConfig:
                 "training rows, their Adam state reset (Anthropic 2023); empty (the default): never"})
     resample_window: int = field(default=250, metadata={
         "help": "a latent is dead at a resampling step when it has not fired in this many training steps"})
+    copy_smaller_when_worse: bool = field(default=True, metadata={
+        "help": "after training, a member whose training objective (on the evaluated train rows) ends above a "
+                "smaller member's of its seed and setting takes that member's dictionary, its extra latents "
+                "switched off: a larger dictionary can copy a smaller one, so from scratch it failed to train. "
+                "Its own objective stays in its training record (objective_from_scratch), and the count judges "
+                "training failures by it"})
     label: str | None = field(default=None, metadata={
         "help": "name of this dataset in tables and plots (default: <store stem>:<site>)"})
     model: SAEOptions | dict | None = field(default=None, metadata={

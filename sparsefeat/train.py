@@ -173,6 +173,7 @@ class Sweep:
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
         self.stopped: dict[int, tuple[int, str]] = {}  # size -> (step it stopped at, why); its cool-down follows
         self.resampled: list[list[int]] = []  # [step, stack, member, latents re-initialised] per resampling
+        self.copied: dict[str, tuple[int, float]] = {}  # member id -> (smaller size copied, objective from scratch)
         if state is None:
             self.scale, self.bias = self._sample_statistics()
         else:
@@ -371,15 +372,54 @@ class Sweep:
         return losses
 
     def evaluate(self) -> dict[str, dict[str, dict]]:
-        """Per member id and split: metrics, row_sse and firing frequency."""
-        evals: dict[str, dict] = {s.id: {} for s in self.trained}
-        for split in ("train", "test"):
-            for specs, e in zip(self.stack_specs, self._evaluate(self._eval_stream(split))):
-                for g, spec in enumerate(specs):
-                    values = {k: float(v[g]) for k, v in e.metrics.items()}
-                    evals[spec.id][split] = dict(metrics=dict(values, rows=int(e.rows)), row_sse=e.row_sse[g],
-                                                 frequency=e.frequency[g])
+        """Per member id and split: metrics, row_sse and firing frequency. With `copy_smaller_when_worse`,
+        members that ended above a smaller member of their seed and setting first take its dictionary, and
+        are evaluated again."""
+        evals = self._evaluate_stacks(range(len(self.stacks)))
+        if self.config.copy_smaller_when_worse:
+            changed = self.copy_smaller_where_worse(evals)
+            if changed:
+                evals.update(self._evaluate_stacks(sorted(changed)))
         return evals
+
+    def _evaluate_stacks(self, which) -> dict[str, dict[str, dict]]:
+        evals: dict[str, dict] = {}
+        which = list(which)
+        for split in ("train", "test"):
+            for i, e in zip(which, self._evaluate(self._eval_stream(split), [self.stacks[i] for i in which])):
+                for g, spec in enumerate(self.stack_specs[i]):
+                    values = {k: float(v[g]) for k, v in e.metrics.items()}
+                    evals.setdefault(spec.id, {})[split] = dict(metrics=dict(values, rows=int(e.rows)),
+                                                                row_sse=e.row_sse[g], frequency=e.frequency[g])
+        return evals
+
+    @torch.no_grad()
+    def copy_smaller_where_worse(self, evals: dict[str, dict[str, dict]]) -> set[int]:
+        """Give every member whose training objective (evaluated train rows) ends above a smaller member's of
+        its seed and setting that member's dictionary, extra latents off (`SAE.take_dictionary`); returns
+        the stacks changed.
+
+        A larger dictionary can copy a smaller one, so ending above it is a failure of training from
+        scratch (an unlucky start, or a setting at which large dictionaries lose their latents); the copy is
+        the best dictionary of that size training found. Only sizes this process holds are compared (a
+        torchrun sweep with members across ranks compares each rank's own)."""
+        where = {spec.id: (i, g) for i, specs in enumerate(self.stack_specs) for g, spec in enumerate(specs)}
+        runs: dict[tuple, list[MemberSpec]] = {}
+        for spec in self.trained:
+            runs.setdefault((spec.sparsity, spec.seed), []).append(spec)
+        changed = set()
+        for specs in runs.values():
+            best, best_loss = None, math.inf
+            for spec in sorted(specs, key=lambda s: s.size):
+                loss = evals[spec.id]["train"]["metrics"]["loss"]
+                if best is not None and loss > best_loss:
+                    (i, g), (j, h) = where[spec.id], where[best.id]
+                    self.stacks[i].take_dictionary(g, self.stacks[j], h)
+                    self.copied[spec.id] = (best.size, loss)
+                    changed.add(i)
+                elif loss < best_loss:
+                    best, best_loss = spec, loss
+        return changed
 
     def member_weights(self) -> dict[str, dict[str, np.ndarray]]:
         """The trained members' final weights, by member id."""
@@ -394,7 +434,9 @@ class Sweep:
             records[spec.id] = dict(
                 self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
                 dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
-                resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec))
+                resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec),
+                copied_from=self.copied[spec.id][0] if spec.id in self.copied else None,
+                objective_from_scratch=self.copied[spec.id][1] if spec.id in self.copied else None)
         return records
 
     def write_results(self, evals: dict[str, dict[str, dict]],
@@ -628,8 +670,9 @@ class Sweep:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _evaluate(self, batches, keep_rows: bool = True) -> list[StackEvaluation]:
-        return evaluate_stacks(self.stacks, batches, self.scale, self._autocast, keep_rows)
+    def _evaluate(self, batches, stacks: list[SAE] | None = None, keep_rows: bool = True) -> list[StackEvaluation]:
+        return evaluate_stacks(self.stacks if stacks is None else stacks, batches, self.scale, self._autocast,
+                               keep_rows)
 
     def _eval_stream(self, split: str):
         """The evaluated rows: the whole test split in store order, or a fixed train sample of the same size."""

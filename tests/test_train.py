@@ -227,7 +227,8 @@ def test_version_2_results_files_are_read_with_training_unknown(small_store, tmp
         del f["members"]["m=8,l1=0.1,seed=0"]["training"]
     with load_results(path) as r:
         assert r.members[0].training == dict.fromkeys(["steps_trained", "stop_reason", "converged", "dead_never_alive",
-                                                       "dead_died_later", "resampled"])
+                                                       "dead_died_later", "resampled", "copied_from",
+                                                       "objective_from_scratch"])
         assert r.members[0].converged is None
 
 
@@ -993,3 +994,55 @@ def test_a_member_whose_held_out_loss_converged_is_converged_though_its_size_ran
     assert (weak.converged, strong.converged) == (False, True)
     for m in (weak, strong):  # the record is the rule applied to the member's stored held-out curve
         assert m.converged == held_out_converged(m.curves["test"].tolist(), 200, 40, 0.005)
+
+
+# ---- a larger dictionary never ends worse than a smaller one (issue 10) -----------------------------
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_member_ending_above_a_smaller_one_takes_its_dictionary(small_store, tmp_path, copy):
+    """The largest member of one seed and setting is spoiled after training (encoder zeroed: it
+    reconstructs only the bias), so it ends far above the smaller members. With copy_smaller_when_worse
+    it takes the best smaller member's dictionary, extra latents off, and ends exactly where that one
+    does; the file records the copy and the objective from scratch. Other members are untouched."""
+    from sparsefeat.train import Sweep
+    cfg = small_config(sizes=["4", "8", "16"], l1=[0.1], copy_smaller_when_worse=copy, checkpoint_every=0)
+    with ActivationStore(small_store) as store:
+        run = Sweep(store, cfg, tmp_path / "r.h5", progress=False)
+        run.train()
+        big = next(i for i, specs in enumerate(run.stack_specs) if specs[0].size == 16)
+        with torch.no_grad():
+            run.stacks[big].encoder[1].zero_()  # seed 1's m=16
+        r = load_results(run.write_results(run.evaluate()))
+    loss = {(m.dictionary_size, m.seed): m.metrics["train"]["loss"] for m in r.members}
+    spoiled, untouched = by(r, 16, seed=1), by(r, 16, seed=0)
+    assert untouched.training["copied_from"] is None and untouched.training["objective_from_scratch"] is None
+    if not copy:
+        assert spoiled.training["copied_from"] is None
+        assert loss[16, 1] > 1.5 * min(loss[4, 1], loss[8, 1])
+        return
+    source = min((4, 8), key=lambda m: loss[m, 1])
+    assert spoiled.training["copied_from"] == source
+    assert spoiled.training["objective_from_scratch"] > 1.5 * loss[source, 1]
+    assert loss[16, 1] == pytest.approx(loss[source, 1], rel=1e-6)
+    assert spoiled.metrics["test"]["mse"] == pytest.approx(by(r, source, seed=1).metrics["test"]["mse"], rel=1e-6)
+    np.testing.assert_array_equal(r.decoder(spoiled.id)[:source], r.decoder(by(r, source, seed=1).id))
+    np.testing.assert_array_equal(r.encoder(spoiled.id)[source:], 0.0)
+    assert (r.feature_frequency(spoiled.id, "test")[source:] == 0).all()
+    assert (r.last_fired(spoiled.id)[source:] == 0).all()  # counted as never alive
+    assert spoiled.training["dead_never_alive"] >= 16 - source
+
+
+def test_the_count_judges_training_failures_by_the_objective_from_scratch():
+    """A size whose members took a smaller one's dictionary ends level with it, yet from scratch it failed:
+    the undertraining warning (and the collapse rule built on it) still sees the failure."""
+    from sparsefeat.count import SizeRow, undertraining_warnings
+
+    def row(size, final, scratch):
+        return SizeRow(size=size, seeds=2, train_mse=final, test_mse=final, train_fvu=final, test_fvu=final,
+                       train_objective=final, gap=0.0, l0=1.0, dead_fraction=0.0, mmcs_next=math.nan,
+                       shared_seed=math.nan, mmcs_gt=math.nan, threshold=0.9, reproduced=3.0,
+                       reproduced_spread=0.0, copied=2 if scratch != final else 0, objective_from_scratch=scratch)
+    assert undertraining_warnings([row(16, 0.5, 0.5), row(32, 0.5, 0.5)]) == []
+    warned = undertraining_warnings([row(16, 0.5, 0.5), row(32, 0.5, 0.6)])
+    assert len(warned) == 1 and "m=32" in warned[0] and "+20%" in warned[0]
