@@ -186,9 +186,12 @@ def _measure(store_path, sweep, size: int, values: list[float], steps: int, labe
     """Test L0, FVU and dead fraction of one fused run: size `size`, the sweep's first seed, each l1 value."""
     from .results import load_results
     from .train import train_sweep
+    # No resampling: a restart at (or near) the run's last step leaves fresh latents unsettled, and the L0
+    # measured there said nothing about the penalty (a quick study calibrated a 128-feature toy to l1 = 3,
+    # where every latent died, against 0.3 without)
     cfg = dataclasses.replace(sweep, sizes=[str(size)], l1=list(values), seeds=list(sweep.seeds[:1]), steps=steps,
                               epochs=None, checkpoint_every=0, test_curve_points=0, cooldown_steps=0,
-                              label=f"{label} calibration")
+                              resample_steps=[], label=f"{label} calibration")
     with tempfile.TemporaryDirectory(prefix="sparsefeat-calibration-") as tmp:
         path = train_sweep(store_path, cfg, Path(tmp) / "calibration.h5", force=True, progress=progress)
         with load_results(path) as r:

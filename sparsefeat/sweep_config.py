@@ -116,6 +116,11 @@ class SweepConfig:
         if any(int(s) != s or s <= 0 for s in self.resample_steps) or self.resample_window <= 0:
             raise ConfigError(f"resample steps and window must be positive whole numbers, got "
                               f"{self.resample_steps} and {self.resample_window}")
+        early = [s for s in self.resample_steps if s < self.resample_window]
+        if early:  # dead = no firing in the last window steps: before that many steps no latent can be
+            raise ConfigError(f"resample step {early[0]} comes before any latent can be dead: a latent is dead "
+                              f"after --resample-window {self.resample_window} steps without firing; resample "
+                              "at that step or later, or shorten the window")
         if self.arch == "topk" and any(int(k) != k or k < 1 for k in self.k):
             raise ConfigError(f"k must be positive whole numbers, got {self.k}")
 

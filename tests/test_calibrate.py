@@ -35,6 +35,17 @@ def test_calibration_finds_an_l1_whose_test_l0_is_inside_the_band(toy_store, tar
     assert scan[0][1] > scan[-1][1]
 
 
+def test_the_sweeps_resampling_does_not_reach_its_calibration(toy_store):
+    """Calibration measures where a penalty puts L0; a sweep that resamples dead latents (here at the
+    calibration run's last step) must calibrate to the same grid as one that does not."""
+    config = cal.CalibrationConfig(target_l0=6.0, steps=200, size="1x")
+    plain = cal.calibrate(toy_store, SweepConfig(sizes=[16], seeds=[0], lr=1e-2), config, label="toy")
+    # a latent silent for 20 steps is dead: the strongest penalties of the scan have some by step 200
+    resampling = cal.calibrate(toy_store, SweepConfig(sizes=[16], seeds=[0], lr=1e-2, resample_steps=[200],
+                                                      resample_window=20), config, label="toy")
+    assert resampling.tried == plain.tried and resampling.grid == plain.grid
+
+
 @pytest.mark.slow
 def test_a_denser_target_gets_a_weaker_penalty(toy_store):
     sweep = SweepConfig(sizes=[16], seeds=[0], lr=1e-2)

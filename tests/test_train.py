@@ -980,6 +980,8 @@ def test_resampling_restarts_dead_relu_latents_and_is_refused_for_topk(small_sto
     assert (r.last_fired(m.id) > 300).sum() > (plain.last_fired(mp.id) > 300).sum()  # restarted latents fire
     with pytest.raises(SparsefeatError, match="relu-l1"):
         SweepConfig(arch="topk", resample_steps=[100])
+    with pytest.raises(SparsefeatError, match="resample step 100 comes before any latent can be dead"):
+        SweepConfig(resample_steps=[100, 300], resample_window=250)  # would silently restart nothing at 100
 
 
 def test_a_member_whose_held_out_loss_converged_is_converged_though_its_size_ran_to_max_steps(small_store, tmp_path):
