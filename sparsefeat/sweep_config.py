@@ -68,6 +68,12 @@ class SweepConfig:
     prefetch: int = field(default=2, metadata={
         "help": "CUDA: batches read ahead into pinned memory by a background thread (0: none); on CPU batches "
                 "are read inline (a reader thread only competes with the step for the interpreter lock)"})
+    device_cache: str = field(default="auto", metadata={
+        "help": "hold the train split in device memory and draw each batch there (no host reads or copies "
+                "in the step loop): auto = on a CUDA device when the split takes under half of the device memory "
+                "the sweep leaves. Its batch order differs from the store stream's (each the same for a seed); "
+                "a resumed run keeps the stream its checkpoint used",
+        "choices": ("auto", "on", "off")})
     resample_steps: list[int] = field(default_factory=list, metadata={
         "help": "relu-l1: steps at which dead latents are re-initialised toward the worst-reconstructed "
                 "training rows, their Adam state reset (Anthropic 2023); empty (the default): never"})
@@ -121,6 +127,8 @@ class SweepConfig:
             raise ConfigError(f"resample step {early[0]} comes before any latent can be dead: a latent is dead "
                               f"after --resample-window {self.resample_window} steps without firing; resample "
                               "at that step or later, or shorten the window")
+        if self.device_cache not in ("auto", "on", "off"):
+            raise ConfigError(f"device-cache must be auto, on or off, got {self.device_cache!r}")
         if self.arch == "topk" and any(int(k) != k or k < 1 for k in self.k):
             raise ConfigError(f"k must be positive whole numbers, got {self.k}")
 

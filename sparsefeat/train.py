@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from .device import resolve_device
 from .errors import SparsefeatError
 from .evaluate import StackEvaluation, evaluate_stacks, take_rows
-from .files import OutputError, WriterLock, atomic_path, check_free_space, check_output
-from .memory import STACK_ELEMENTS, MemoryEstimate, check_memory, memory_estimate
+from .files import OutputError, WriterLock, atomic_path, check_free_space, check_output, human_bytes
+from .memory import STACK_ELEMENTS, MemoryEstimate, available_memory, check_memory, memory_estimate
 from .results import Member, MemberArrays, Results, ResultsError, write_results
 from .sae import SAE, architecture, pre_bias
 from .signals import SignalThresholds, cross_member_signals
@@ -47,7 +47,9 @@ from .sweep_config import DEFAULT_STEPS, MemberSpec, SweepConfig, parse_size  # 
 CHECKPOINT_VERSION = 4  # 4: one Adam parameter group per stack (cool-down); 3: stop state (steps=auto) and
                         # firing counters; 2: curves are float64 tensors
 STOP_FIXED, STOP_CONVERGED, STOP_MAX = "fixed", "converged", "max_steps"  # why a size stopped training
-RESUMABLE_CHANGES = ("device", "compile", "prefetch")  # settings a resumed run may change
+# settings a resumed run may change (device_cache: the resumed run keeps the stream its checkpoint used)
+RESUMABLE_CHANGES = ("device", "compile", "prefetch", "device_cache")
+DEVICE_CACHE_SHARE = 0.5  # device_cache=auto: the train split may take this share of the memory left free
 RESAMPLE_ROWS = 8192  # training rows whose reconstruction errors choose where dead latents restart
 
 
@@ -190,6 +192,8 @@ class Sweep:
             config.test_curve_rows))
         self._step_fns = [torch.compile(st.training_loss) if config.compile else st.training_loss
                           for st in self.stacks]
+        self.device_cache = self._device_cache_choice(state)
+        self.cached_rows: torch.Tensor | None = None  # the train split on the device, loaded by _stream
         self.stream = self._stream()  # the training batches from the current step on
 
     def startup_line(self) -> str:
@@ -522,8 +526,55 @@ class Sweep:
                 specs.append(part)
         return stacks, specs
 
+    def _device_cache_choice(self, state: dict | None) -> bool:
+        """Whether the train split is held on the device (SweepConfig.device_cache). A resumed run keeps its
+        checkpoint's choice: the two streams order batches differently."""
+        if state is not None:
+            return bool(state.get("device_cache", False))
+        if self.config.device_cache == "on":
+            free, need = available_memory(self.device), self._train_split_bytes() + self.memory.total
+            if free is not None and need > free:
+                raise TrainingError(f"{self.out}: --device-cache on holds the train split "
+                                    f"({human_bytes(self._train_split_bytes())}) on {self.device}, which has "
+                                    f"{human_bytes(free)} available for it and the sweep; use --device-cache off")
+            return True
+        if self.config.device_cache == "off":
+            return False
+        if self.device.type != "cuda":
+            return False
+        # the device's total memory, not what is free now: under torchrun every rank must choose alike
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return self._train_split_bytes() < DEVICE_CACHE_SHARE * (total - self.memory.total)
+
+    def _train_split_bytes(self) -> int:
+        return self.n_train * self.d * self.store._dataset(self.site).dtype.itemsize
+
+    def _cached_stream(self):
+        """Batches drawn from the train split held on the device, from the current step on. Epoch e is a
+        permutation seeded by (data_seed, e), cut into whole batches (the rest of a permutation is left out,
+        as the store stream's drop_last does), so skipping to a step costs nothing."""
+        if self.cached_rows is None:  # stored dtype (float16 halves it), every block checked as it is read
+            parts = self.store.batches(self.site, "train", 1 << 16, shuffle=False, epochs=1, device=self.device,
+                                       dtype=self._stored_dtype())
+            self.cached_rows = torch.cat(list(parts))
+        n, size = self.cached_rows.shape[0], self.config.batch_size
+        per_epoch = n // size
+        epoch, first = divmod(self.step, per_epoch)
+        while True:
+            gen = torch.Generator().manual_seed(self.config.data_seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen).to(self.device)
+            for i in range(first, per_epoch):
+                yield self.cached_rows[order[i * size:(i + 1) * size]].float()
+            epoch, first = epoch + 1, 0
+
+    def _stored_dtype(self) -> torch.dtype:
+        stored = self.store._dataset(self.site).dtype
+        return torch.float16 if stored == np.float16 else torch.float32
+
     def _stream(self):
         """The training batches from the current step on: the deterministic stream, skipped ahead."""
+        if self.device_cache:
+            return self._cached_stream()
         cuda = self.device.type == "cuda"
         stream = self.store.batches(self.site, "train", self.config.batch_size, seed=self.config.data_seed,
                                     epochs=None, drop_last=True, device=self.device, pin_memory=cuda,
@@ -565,7 +616,7 @@ class Sweep:
         state = dict(version=CHECKPOINT_VERSION, config=self._checkpoint_config(), store_hash=self.store_hash,
                      step=self.step, scale=float(self.scale), bias=self.bias.cpu(), curves=curves,
                      stopped=[[int(size), int(step), reason] for size, (step, reason) in sorted(self.stopped.items())],
-                     resampled=self.resampled,
+                     resampled=self.resampled, device_cache=bool(self.device_cache),
                      stacks=self._stack_states(), optimizer=self._optimizer_state())
         need = self.memory.checkpoint + (1 << 16)
         kept = "" if self.checkpoint_step is None else f"; the checkpoint of step {self.checkpoint_step} is kept"

@@ -33,5 +33,6 @@ def test_cpu_smoke_run_prints_every_rate():
     assert re.search(r"topk +\(k=16\) auto path ran sparse: .* steps/s .*x dense", out), out
     assert re.search(r"relu-l1 .* auto path: dense \(L0/m", out), out
     assert re.search(r"trainer stream .*later epochs.*: +[\d.]+ GB/s .*target >= 0\.7", out), out
-    assert "device-cached stream: not offered" in out
+    assert re.search(r"device cache .*train split [\d.]+ GB loaded in [\d.]+ s", out), out
+    assert re.search(r"device-cached stream, 3 batches: +[\d.]+ GB/s .*target >= 0\.7", out), out
     assert re.search(r"Sweep\.train from the store +[\d.]+ steps/s.*ratio [\d.]+", out), out

@@ -434,7 +434,7 @@ def test_a_rank_killed_mid_distributed_latents_sweep_resumes(tmp_path, sparse_to
 @pytest.mark.parametrize("extra, says", [
     (["--arch", "topk", "--k", "4"], "only relu-l1 is supported, not topk"),
     (["--ddp"], "not with --ddp"),
-    (["--resample-steps", "100"], "--resample-steps is not supported"),
+    (["--resample-steps", "300"], "--resample-steps is not supported"),
     ([], "torchrun --nproc-per-node N"),
 ])
 def test_distribute_latents_refusals_are_one_line(tmp_path, sparse_toy, monkeypatch, capsys, extra, says):

@@ -669,7 +669,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 def test_cuda_sweep_matches_cpu(toy_store, tmp_path):
-    cfg = dict(sizes=["32", "64"], l1=[0.6], seeds=[0, 1], steps=600, lr=3e-3, test_curve_points=2)
+    # the device-cached stream on both: the same batches in the same order (randperm on the host)
+    cfg = dict(sizes=["32", "64"], l1=[0.6], seeds=[0, 1], steps=600, lr=3e-3, test_curve_points=2, device_cache="on")
     cpu = load_results(train_sweep(toy_store, SweepConfig(device="cpu", **cfg), tmp_path / "cpu.h5", progress=False))
     gpu = load_results(train_sweep(toy_store, SweepConfig(device="cuda", **cfg), tmp_path / "gpu.h5", progress=False))
     assert gpu.config["run"]["device"].startswith("cuda")
@@ -683,7 +684,7 @@ def test_cuda_sweep_matches_cpu(toy_store, tmp_path):
 @pytest.mark.parametrize("arch", ["relu-l1", "topk"])
 def test_cuda_bf16_autocast_prefetch_and_compile(toy_store, tmp_path, arch):
     cfg = dict(sizes=["64", "128"], arch=arch, l1=[0.6], k=[5], seeds=[0], steps=2000, lr=3e-3, device="cuda",
-               prefetch=2)
+               prefetch=2, device_cache="off")  # the store stream, pinned and prefetched
     fp32 = load_results(train_sweep(toy_store, SweepConfig(**cfg), tmp_path / "fp32.h5", progress=False))
     fast = load_results(train_sweep(toy_store, SweepConfig(bf16=True, compile=True, **cfg), tmp_path / "bf16.h5",
                                     progress=False))
@@ -691,6 +692,18 @@ def test_cuda_bf16_autocast_prefetch_and_compile(toy_store, tmp_path, arch):
         assert math.isfinite(b.metrics["test"]["loss"])
         assert b.metrics["test"]["loss"] == pytest.approx(a.metrics["test"]["loss"], rel=0.1)
         assert b.signals["mmcs_gt"] >= 0.9
+
+
+@cuda
+def test_cuda_holds_a_small_train_split_on_the_device(toy_store, tmp_path):
+    from sparsefeat.train import Sweep
+    with ActivationStore(toy_store) as s:
+        sweep = Sweep(s, SweepConfig(sizes=["32"], seeds=[0], steps=10, device="cuda"), tmp_path / "x.h5",
+                      progress=False)
+        assert sweep.device_cache is True  # auto: a few MB against the device's memory
+        batch = next(sweep.stream)
+        assert batch.device.type == "cuda" and sweep.cached_rows.device.type == "cuda"
+        assert sweep.cached_rows.shape[0] == s.n_rows("train")
 
 
 @cuda
@@ -1048,3 +1061,44 @@ def test_the_count_judges_training_failures_by_the_objective_from_scratch():
     assert undertraining_warnings([row(16, 0.5, 0.5), row(32, 0.5, 0.5)]) == []
     warned = undertraining_warnings([row(16, 0.5, 0.5), row(32, 0.5, 0.6)])
     assert len(warned) == 1 and "m=32" in warned[0] and "+20%" in warned[0]
+
+
+# ---- the train split held on the device (issue 11) -------------------------------------------------
+
+
+def test_the_device_cached_stream_covers_the_train_split_once_per_epoch(small_store, tmp_path):
+    from sparsefeat.train import Sweep
+    cfg = small_config(batch_size=100, device_cache="on")
+    with ActivationStore(small_store) as store:
+        run = Sweep(store, cfg, tmp_path / "c.h5", progress=False)
+        per_epoch = run.batches_per_epoch
+        first = torch.cat([next(run.stream) for _ in range(per_epoch)])
+        second = torch.cat([next(run.stream) for _ in range(per_epoch)])
+        train = store.load(split="train")
+        assert Sweep(store, small_config(), tmp_path / "d.h5", progress=False).device_cache is False  # auto on CPU
+    assert first.shape == (per_epoch * 100, train.shape[1]) and per_epoch * 100 > train.shape[0] - 100
+    from collections import Counter
+    drawn, split = Counter(map(tuple, first.tolist())), Counter(map(tuple, train.tolist()))
+    assert all(drawn[r] <= split[r] for r in drawn)  # no row twice within an epoch (the toy repeats some rows)
+    assert not torch.equal(first, second)  # a new permutation every epoch
+
+
+def test_a_device_cached_sweep_resumes_to_the_uninterrupted_result(small_store, tmp_path):
+    """The cached stream skips to any step, and a resumed run keeps the stream its checkpoint used, even
+    when the resuming config says otherwise."""
+    from sparsefeat.train import Sweep
+    cfg = small_config(device_cache="on", checkpoint_every=0)
+    with ActivationStore(small_store) as store:
+        whole = load_results(Sweep(store, cfg, tmp_path / "whole.h5", progress=False).run())
+        plain = load_results(Sweep(store, small_config(checkpoint_every=0), tmp_path / "plain.h5",
+                                   progress=False).run())
+        first = Sweep(store, cfg, tmp_path / "part.h5", progress=False)
+        first.train(until=60)  # at a logging step, so the logged curves match too
+        first.save_checkpoint()
+        resumed = Sweep(store, small_config(checkpoint_every=0, device_cache="off"), tmp_path / "part.h5",
+                        resume=True, progress=False)
+        assert resumed.device_cache is True and resumed.step == 60
+        part = load_results(resumed.run())
+    for a, b in zip(whole.members, part.members):
+        assert_same_member(whole, part, a, b)
+    assert not np.allclose(whole.decoder(whole.members[0].id), plain.decoder(plain.members[0].id))  # another order
