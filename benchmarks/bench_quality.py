@@ -112,6 +112,17 @@ def crossing(curve: list[tuple[int, float, float]], level: float) -> tuple[float
     return None
 
 
+def matmul_gflops(b: int, d: int, m: int, reps: int = 10) -> float:
+    """The measured ceiling: GFLOP/s of the step's encoder product [b, d] × [d, m], best of `reps`."""
+    x, w = torch.randn(b, d), torch.randn(m, d)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * b * d * m / best / 1e9
+
+
 def toy_data(n: int, d: int, seed: int = 0) -> np.ndarray:
     """make_data.py's distribution at a small size: sparse non-negative sums of random unit directions."""
     rng = np.random.default_rng(seed)
@@ -177,7 +188,8 @@ def main() -> None:
             active = {n for n in active if steps[n] < cap and curves[n][-1][2] > level}
 
     print(f"level: bare PyTorch's held-out FVU after {args.steps} steps = {level:.4f}; "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"load {os.getloadavg()[0]:.1f}; matmul ceiling {matmul_gflops(args.batch, data.shape[1], args.m):.0f} "
+          f"GFLOP/s (a dense step is 6 such products: {12 * args.batch * data.shape[1] * args.m / 1e9:.2f} GFLOP)")
     reached = {name: crossing(curves[name], level) for name in methods}
     best = min(r[1] for r in reached.values() if r)
     print("| method | steps to level | s to level | vs fastest | ms/step | FVU at 1/4, 1/2, 1× steps | last FVU |")
