@@ -7,6 +7,8 @@ of an in-memory tensor. So a small store of the first rows sets the sweep up (sp
 Matched to the harness: Adam at its lr without warm-up, its L1 coefficient on the mean row L1
 (our "sum" reduction), its k; inputs not rescaled (normalise off) and a zero initial decoder bias, so
 final_mse is in the harness's units. Run through run_all.sh with EXTRA_JOBS (README).
+`--encoder-scale` sets `SAEOptions.encoder_scale` (the initial encoder rows = decoderᵀ × this; 1.0 is the
+package default, the study's toy sweeps use 0.1); it is recorded in the JSON line.
 """
 import tempfile
 from pathlib import Path
@@ -20,12 +22,15 @@ from sparsefeat.train import Sweep, SweepConfig
 
 
 def main():
-    args = bc.build_parser("sparsefeat", ["standard", "topk"]).parse_args()
+    ap = bc.build_parser("sparsefeat", ["standard", "topk"])
+    ap.add_argument("--encoder-scale", type=float, default=SAEOptions.encoder_scale,
+                    help="SAEOptions.encoder_scale: initial encoder = decoderᵀ × this (default %(default)s)")
+    args = ap.parse_args()
     data = bc.setup(args)
     cfg = SweepConfig(sizes=[str(args.m)], arch="relu-l1" if args.arch == "standard" else "topk", l1=[args.l1],
                       k=[args.k], seeds=[args.seed], lr=args.lr, batch_size=args.batch, normalise=False,
                       log_every=10**9, checkpoint_every=0, test_curve_points=0, device="cpu",
-                      model=SAEOptions(pre_bias="none"))
+                      model=SAEOptions(pre_bias="none", encoder_scale=args.encoder_scale))
     with tempfile.TemporaryDirectory() as tmp:
         head = data[: 2 * args.batch].numpy()
         with StoreWriter(Path(tmp) / "head.h5", sites={"x": args.d}, provenance={"bench": "peers"}) as w:
@@ -37,7 +42,7 @@ def main():
     mse = bc.eval_mse(lambda x: sae(x)[0][0], data, args.eval_rows)
     bc.emit(args, "sparsefeat", args.arch, secs, mse, lib_version=__version__,
             api="Sweep(store, SweepConfig); Sweep.step_on(batch)",
-            k=args.k if args.arch == "topk" else None)
+            k=args.k if args.arch == "topk" else None, encoder_scale=args.encoder_scale)
 
 
 if __name__ == "__main__":

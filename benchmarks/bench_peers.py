@@ -2,13 +2,15 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_peers.py --m 1536 --m 6144 [--reps 3] [--steps 50]
         [--peers /work/shared/peers] [--data ACTS.npy] [--only "ref saelens sparsify dictlearn"]
-        [--out results.jsonl]
+        [--out results.jsonl] [--encoder-scale 1.0 --encoder-scale 0.1]
 
 Runs the harness's `run_all.sh` (each library × architecture a fresh process, repetitions
 interleaved) once per --m, with sparsefeat's row added through EXTRA_JOBS
 (`benchmarks/bench_peer_sparsefeat.py` under this interpreter), then prints, per m and architecture,
-each library's median samples/s, its final MSE, and the ratio of sparsefeat to the fastest peer (the
-bare PyTorch loop `ref` counts as a peer). The peers' venvs come from the harness's setup_venvs.sh
+each library's median samples/s, its final MSE, its median peak RSS, the ratio of sparsefeat's speed to
+the fastest peer's (the bare PyTorch loop `ref` counts as a peer) and of sparsefeat's peak RSS to the
+leanest peer's. Each --encoder-scale adds one sparsefeat row (`SAEOptions.encoder_scale`, default 1.0
+only), labelled "sparsefeat (enc S)" unless S is the package default; ratios use the default's row. The peers' venvs come from the harness's setup_venvs.sh
 (VENVS, default ${TMPDIR:-/tmp}/peers-venvs); the data from its make_data.py.
 """
 
@@ -20,44 +22,84 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from sparsefeat.sae import SAEOptions  # noqa: E402
+
+DEFAULT_SCALE = SAEOptions.encoder_scale
 NAMES = {"ref-pytorch": "bare PyTorch", "saelens": "SAELens", "sae-lens": "SAELens", "eai-sparsify": "sparsify",
          "dictionary_learning": "dictionary_learning", "dictionary-learning": "dictionary_learning",
          "sparsefeat": "sparsefeat"}
 
 
+def launcher(folder: Path, scale: float) -> Path:
+    """run_all.sh starts each job as `PY SCRIPT --flags...` with no room for extra flags, so a job's
+    PY is this two-line script that runs our interpreter and appends --encoder-scale."""
+    path = folder / f"python-enc{scale:g}"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@" --encoder-scale {scale!r}\n')
+    path.chmod(0o755)
+    return path
+
+
 def run(args, m: int) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(HERE.parent) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["EXTRA_JOBS"] = f"sparsefeat|{sys.executable}|{HERE / 'bench_peer_sparsefeat.py'}|standard topk"
+    scales = args.encoder_scale or [DEFAULT_SCALE]
+    # run_all.sh adds EXTRA_JOBS' names to its --only list one per line, which its space-delimited match
+    # misses when there are several, so the names go into --only here
+    only = " ".join([args.only] + [job_name(s) for s in scales])
+    with tempfile.TemporaryDirectory() as tmp:
+        env["EXTRA_JOBS"] = ";".join(
+            f"{job_name(s)}|{launcher(Path(tmp), s)}|{HERE / 'bench_peer_sparsefeat.py'}|standard topk"
+            for s in scales)
+        run_all(args, m, env, only)
+
+
+def job_name(scale: float) -> str:
+    return "sparsefeat" if scale == DEFAULT_SCALE else f"sparsefeat-enc{scale:g}"
+
+
+def label(row: dict) -> str:
+    name = NAMES.get(row["lib"], row["lib"])
+    scale = row.get("encoder_scale", DEFAULT_SCALE)
+    return name if name != "sparsefeat" or scale == DEFAULT_SCALE else f"sparsefeat (enc {scale:g})"
+
+
+def run_all(args, m: int, env: dict, only: str) -> None:
     cmd = ["bash", str(Path(args.peers) / "run_all.sh"), "--m", str(m), "--reps", str(args.reps),
-           "--steps", str(args.steps), "--threads", str(args.threads), "--out", args.out, "--only", args.only]
+           "--steps", str(args.steps), "--threads", str(args.threads), "--out", args.out, "--only", only]
     if args.data:
         cmd += ["--data", args.data]
     subprocess.run(cmd, env=env, check=True)
 
 
-def table(path: str) -> None:
+def table(path: str, stat: str = "median") -> None:
     rows: dict[tuple, list[dict]] = {}
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
-        rows.setdefault((r["m"], r["arch"], NAMES.get(r["lib"], r["lib"])), []).append(r)
-    print("\n| m | arch | library | samples/s (median) | reps | final MSE | vs sparsefeat |")
-    print("|---|---|---|---|---|---|---|")
+        rows.setdefault((r["m"], r["arch"], label(r)), []).append(r)
+    pick = statistics.median if stat == "median" else max
+    print(f"\n| m | arch | library | samples/s ({stat}) | reps | final MSE | peak RSS MB | vs sparsefeat |")
+    print("|---|---|---|---|---|---|---|---|")
     for m, arch in sorted({(k[0], k[1]) for k in rows}):
         libs = {k[2]: v for k, v in rows.items() if k[:2] == (m, arch)}
-        speed = {lib: statistics.median(r["samples_per_s"] for r in v) for lib, v in libs.items()}
+        speed = {lib: pick(r["samples_per_s"] for r in v) for lib, v in libs.items()}
+        rss = {lib: statistics.median(r["peak_rss_mb"] for r in v) for lib, v in libs.items()}
         for lib in sorted(libs, key=lambda n: -speed[n]):
             mse = statistics.median(r["final_mse"] for r in libs[lib])
-            ratio = f"{speed['sparsefeat'] / speed[lib]:.2f}x" if "sparsefeat" in speed and lib != "sparsefeat" else ""
-            print(f"| {m} | {arch} | {lib} | {speed[lib]:,.0f} | {len(libs[lib])} | {mse:.4f} | {ratio} |")
-        peers = {lib: s for lib, s in speed.items() if lib != "sparsefeat"}
+            ratio = f"{speed['sparsefeat'] / speed[lib]:.2f}x" if "sparsefeat" in speed and not lib.startswith("sparsefeat") else ""
+            print(f"| {m} | {arch} | {lib} | {speed[lib]:,.0f} | {len(libs[lib])} | {mse:.4f} | {rss[lib]:,.0f} | {ratio} |")
+        peers = [lib for lib in speed if not lib.startswith("sparsefeat")]
         if "sparsefeat" in speed and peers:
-            best = max(peers, key=peers.get)
-            print(f"| {m} | {arch} | **sparsefeat / fastest peer ({best})** | | | | "
-                  f"**{speed['sparsefeat'] / peers[best]:.2f}x** |")
+            best = max(peers, key=speed.get)
+            print(f"| {m} | {arch} | **sparsefeat / fastest peer ({best})** | | | | | "
+                  f"**{speed['sparsefeat'] / speed[best]:.2f}x** |")
+            lean = min(peers, key=rss.get)
+            print(f"| {m} | {arch} | **sparsefeat peak RSS / leanest peer's ({lean})** | | | | | "
+                  f"**{rss['sparsefeat'] / rss[lean]:.2f}x** |")
 
 
 def main() -> None:
@@ -70,12 +112,16 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="activations .npy (default: the harness's)")
     ap.add_argument("--only", default="ref saelens sparsify dictlearn sparsefeat", help="libraries to run")
     ap.add_argument("--out", default="peers_results.jsonl", help="JSON lines (appended)")
+    ap.add_argument("--encoder-scale", type=float, action="append",
+                    help="one sparsefeat row per value (repeatable); default: the package default only")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out without running")
+    ap.add_argument("--stat", choices=("median", "best"), default="median",
+                    help="samples/s of a library's repetitions: median, or best (on shared cores load only slows)")
     args = ap.parse_args()
     if not args.table_only:
         for m in args.m or [1536]:
             run(args, m)
-    table(args.out)
+    table(args.out, args.stat)
 
 
 if __name__ == "__main__":
