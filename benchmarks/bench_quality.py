@@ -11,12 +11,15 @@ harness's maths and hyper-parameters):
 
 - bare: a plain PyTorch loop written here (encoder rows random at norm 0.1, decoder = encoderᵀ, zero
   biases, x̂ = relu((x - b_d) W_eᵀ + b_e) W_dᵀ + b_d, torch.optim.Adam; no constraint, no bookkeeping);
+- bare, unit decoder: the same loop with its atoms (decoder columns) at unit norm from the start and
+  renormalised after every step, the constraint sparsefeat keeps (so α prices the same sparsity);
 - sparsefeat at each --scales value: `Sweep.step_on` on the same batches (as bench_peer_sparsefeat.py:
   normalise off, pre_bias none, `SAEOptions.encoder_scale` = the value).
 
 They step in turn, one step each (so load from other processes hits all alike), in one process. Every
 `--eval-every` steps each method's FVU on the held-out rows (Σ‖x - x̂‖² / Σ‖x - mean‖²) is recorded
-against its own cumulative training seconds (evaluation not counted). The level is bare's held-out FVU
+and its held-out L0 (mean non-zero codes per row) against its own cumulative training seconds
+(evaluation not counted): an FVU level at one α compares different trade-offs when the L0s differ. The level is bare's held-out FVU
 after `--steps` steps; a method's time to quality is the training time at which its FVU first reaches
 that level (linear between the two evaluations around it). The others run on to `--max-factor` × steps
 if they have not reached it. Printed: steps and seconds to the level, ratio to the fastest.
@@ -43,12 +46,13 @@ from sparsefeat.train import Sweep, SweepConfig
 class Bare:
     """ReLU + L1 SAE in plain PyTorch, the harness's reference maths."""
 
-    def __init__(self, d: int, m: int, l1: float, lr: float, seed: int):
+    def __init__(self, d: int, m: int, l1: float, lr: float, seed: int, unit: bool = False):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(m, d, generator=g)
         w = w / w.norm(dim=1, keepdim=True) * 0.1
         self.enc = w.clone().requires_grad_()
-        self.dec = w.t().contiguous().requires_grad_()
+        self.dec = (w.t() / (0.1 if unit else 1.0)).contiguous().requires_grad_()
+        self.unit = unit
         self.b_enc = torch.zeros(m, requires_grad=True)
         self.b_dec = torch.zeros(d, requires_grad=True)
         self.opt = torch.optim.Adam([self.enc, self.dec, self.b_enc, self.b_dec], lr=lr)
@@ -64,9 +68,15 @@ class Bare:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.unit:
+            with torch.no_grad():
+                self.dec /= self.dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)[0]
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[1]
 
 
 class Ours:
@@ -90,12 +100,21 @@ class Ours:
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.sweep.stacks[0](x)[0][0]
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sweep.stacks[0](x)[1][0]
+
 
 @torch.no_grad()
 def fvu(reconstruct, held: torch.Tensor, chunk: int = 4096) -> float:
     sse = sum(float((reconstruct(held[s:s + chunk]) - held[s:s + chunk]).pow(2).sum())
               for s in range(0, len(held), chunk))
     return sse / float((held - held.mean(0)).pow(2).sum())
+
+
+@torch.no_grad()
+def l0(codes, held: torch.Tensor, chunk: int = 4096) -> float:
+    """Mean number of non-zero codes per held-out row."""
+    return sum(float((codes(held[s:s + chunk]) != 0).sum()) for s in range(0, len(held), chunk)) / len(held)
 
 
 def crossing(curve: list[tuple[int, float, float]], level: float) -> tuple[float, float] | None:
@@ -162,12 +181,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        methods = {"bare PyTorch": Bare(data.shape[1], args.m, args.l1, args.lr, args.seed)}
+        methods = {"bare PyTorch": Bare(data.shape[1], args.m, args.l1, args.lr, args.seed),
+                   "bare PyTorch, unit decoder": Bare(data.shape[1], args.m, args.l1, args.lr, args.seed, unit=True)}
         for s in args.scales:
             methods[f"sparsefeat enc {s:g}"] = Ours(train, args.m, args.l1, args.lr, args.seed, args.batch, s, Path(tmp))
     steps = {name: 0 for name in methods}
     seconds = {name: 0.0 for name in methods}
-    curves = {name: [(0, 0.0, fvu(method.reconstruct, held))] for name, method in methods.items()}
+    def point(name, method):
+        return steps[name], seconds[name], fvu(method.reconstruct, held), l0(method.codes, held)
+
+    curves = {name: [point(name, method)] for name, method in methods.items()}
     active, level, cap = set(methods), None, int(args.max_factor * args.steps)
     while active:
         for name, method in methods.items():
@@ -180,7 +203,7 @@ def main() -> None:
             seconds[name] += time.perf_counter() - t0
             steps[name] = i + 1
             if steps[name] % args.eval_every == 0 or steps[name] in (args.steps, cap):
-                curves[name].append((steps[name], seconds[name], fvu(method.reconstruct, held)))
+                curves[name].append(point(name, method))
         if level is None and steps["bare PyTorch"] == args.steps:
             level = curves["bare PyTorch"][-1][2]
             active.discard("bare PyTorch")
@@ -192,14 +215,17 @@ def main() -> None:
           f"GFLOP/s (a dense step is 6 such products: {12 * args.batch * data.shape[1] * args.m / 1e9:.2f} GFLOP)")
     reached = {name: crossing(curves[name], level) for name in methods}
     best = min(r[1] for r in reached.values() if r)
-    print("| method | steps to level | s to level | vs fastest | ms/step | FVU at 1/4, 1/2, 1× steps | last FVU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | steps to level | s to level | vs fastest | ms/step | FVU at 1/4, 1/2, 1× steps | last FVU | "
+          "L0 at 1× steps, last |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, curve in curves.items():
-        at = [next((f for s, _, f in curve if s >= q * args.steps), float("nan")) for q in (0.25, 0.5, 1.0)]
+        at = [next((f for s, _, f, _ in curve if s >= q * args.steps), float("nan")) for q in (0.25, 0.5, 1.0)]
+        l0_at = next((n for s, _, _, n in curve if s >= args.steps), float("nan"))
         r = reached[name]
         when = f"{r[0]:.0f} | {r[1]:.2f} | {r[1] / best:.2f}" if r else f"not in {steps[name]} | – | –"
         print(f"| {name} | {when} | {1e3 * seconds[name] / steps[name]:.1f} | "
-              f"{', '.join(f'{f:.4f}' for f in at)} | {curve[-1][2]:.4f} (step {curve[-1][0]}) |")
+              f"{', '.join(f'{f:.4f}' for f in at)} | {curve[-1][2]:.4f} (step {curve[-1][0]}) | "
+              f"{l0_at:.1f}, {curve[-1][3]:.1f} |")
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(dict(method=name, m=args.m, batch=args.batch, level=level, reached=r,

@@ -39,6 +39,12 @@ def test_crossing_is_the_first_one_and_none_when_never_reached():
     assert bench.crossing(CURVE, 1.0) == (0, 0.0)
 
 
+def test_l0_counts_the_non_zero_codes_per_row():
+    held = bench.torch.randn(300, 8)
+    assert bench.l0(lambda x: bench.torch.relu(x), held, chunk=128) == pytest.approx(
+        float((held > 0).sum()) / 300)
+
+
 def test_fvu_of_perfect_and_mean_reconstructions():
     held = bench.torch.randn(300, 8)
     assert bench.fvu(lambda x: x, held, chunk=128) == 0.0
@@ -51,6 +57,7 @@ def test_quick_run_prints_a_row_per_method_and_the_bare_loop_reaches_its_own_lev
     out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1"], capture_output=True,
                          text=True, env=env, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    rows = re.findall(r"^\| (bare PyTorch|sparsefeat enc [\d.]+) \| (\S+) \|", out.stdout, flags=re.M)
-    assert [name for name, _ in rows] == ["bare PyTorch", "sparsefeat enc 1", "sparsefeat enc 0.1"]
+    rows = re.findall(r"^\| (bare PyTorch(?:, unit decoder)?|sparsefeat enc [\d.]+) \| (\S+) \|", out.stdout, flags=re.M)
+    assert [name for name, _ in rows] == ["bare PyTorch", "bare PyTorch, unit decoder", "sparsefeat enc 1",
+                                          "sparsefeat enc 0.1"]
     assert rows[0][1] == "40"  # the level is bare's FVU at its last step, so it reaches it exactly there
