@@ -318,19 +318,6 @@ class SAE(torch.nn.Module):
         self.encoder[g, latents] = directions * encoder_scale
         self.encoder_bias[g, latents] = 0.0
 
-    @torch.no_grad()
-    def take_dictionary(self, g: int, smaller: "SAE", h: int) -> None:
-        """Member g becomes member h of `smaller` (a stack with fewer latents), its extra latents switched
-        off: encoder rows 0 and bias -1, so they never fire and the codes, x̂ and penalty are the smaller
-        member's (a larger dictionary can always copy a smaller one)."""
-        m = smaller.size
-        for name in ("encoder", "encoder_bias", "decoder", "last_fired"):
-            getattr(self, name)[g, :m] = getattr(smaller, name)[h]
-        self.encoder[g, m:] = 0.0
-        self.encoder_bias[g, m:] = -1.0
-        self.last_fired[g, m:] = 0  # never fired: these latents are dead by construction
-        self.decoder_bias[g] = smaller.decoder_bias[h]
-
     def on_log(self) -> None:
         """Called at logging intervals (where the host may synchronise); for slow-changing state."""
         if getattr(self, "_density", None) is not None:

@@ -175,7 +175,6 @@ class Sweep:
         self.curves = {s.id: {"train": [], "test": []} for s in self.specs}
         self.stopped: dict[int, tuple[int, str]] = {}  # size -> (step it stopped at, why); its cool-down follows
         self.resampled: list[list[int]] = []  # [step, stack, member, latents re-initialised] per resampling
-        self.copied: dict[str, tuple[int, float]] = {}  # member id -> (smaller size copied, objective from scratch)
         if state is None:
             self.scale, self.bias = self._sample_statistics()
         else:
@@ -376,54 +375,65 @@ class Sweep:
         return losses
 
     def evaluate(self) -> dict[str, dict[str, dict]]:
-        """Per member id and split: metrics, row_sse and firing frequency. With `copy_smaller_when_worse`,
-        members that ended above a smaller member of their seed and setting first take its dictionary, and
-        are evaluated again."""
-        evals = self._evaluate_stacks(range(len(self.stacks)))
-        if self.config.copy_smaller_when_worse:
-            changed = self.copy_smaller_where_worse(evals)
-            if changed:
-                evals.update(self._evaluate_stacks(sorted(changed)))
-        return evals
+        """Per member id and split: metrics, row_sse and firing frequency."""
+        return self._evaluate_members(self.stacks, self.stack_specs)
 
-    def _evaluate_stacks(self, which) -> dict[str, dict[str, dict]]:
-        evals: dict[str, dict] = {}
-        which = list(which)
+    def _evaluate_members(self, stacks: list[SAE], stack_specs: list[list[MemberSpec]]) -> dict[str, dict[str, dict]]:
+        evals: dict[str, dict] = {spec.id: {} for specs in stack_specs for spec in specs}
         for split in ("train", "test"):
-            for i, e in zip(which, self._evaluate(self._eval_stream(split), [self.stacks[i] for i in which])):
-                for g, spec in enumerate(self.stack_specs[i]):
+            for specs, e in zip(stack_specs, self._evaluate(self._eval_stream(split), stacks)):
+                for g, spec in enumerate(specs):
                     values = {k: float(v[g]) for k, v in e.metrics.items()}
-                    evals.setdefault(spec.id, {})[split] = dict(metrics=dict(values, rows=int(e.rows)),
-                                                                row_sse=e.row_sse[g], frequency=e.frequency[g])
+                    evals[spec.id][split] = dict(metrics=dict(values, rows=int(e.rows)), row_sse=e.row_sse[g],
+                                                 frequency=e.frequency[g])
         return evals
 
-    @torch.no_grad()
-    def copy_smaller_where_worse(self, evals: dict[str, dict[str, dict]]) -> set[int]:
-        """Give every member whose training objective (evaluated train rows) ends above a smaller member's of
-        its seed and setting that member's dictionary, extra latents off (`SAE.take_dictionary`); returns
-        the stacks changed.
+    def copy_smaller_where_worse(self, evals: dict, weights: dict, training: dict, last_fired: dict) -> list[str]:
+        """Give every member whose training objective (on the evaluated train rows) ends above a smaller
+        member's of its seed and setting the best such member's dictionary, its extra latents switched off
+        (encoder rows 0, bias -1: they never fire, so codes, x̂ and penalty are the smaller member's), and
+        evaluate it again. Updates the four per-member tables in place; returns the ids changed.
 
         A larger dictionary can copy a smaller one, so ending above it is a failure of training from
         scratch (an unlucky start, or a setting at which large dictionaries lose their latents); the copy is
-        the best dictionary of that size training found. Only sizes this process holds are compared (a
-        torchrun sweep with members across ranks compares each rank's own)."""
-        where = {spec.id: (i, g) for i, specs in enumerate(self.stack_specs) for g, spec in enumerate(specs)}
+        the best dictionary of that size training found. Its training record keeps how it stopped, and
+        gains `copied_from` and `objective_from_scratch`. Done on the whole sweep's tables where the
+        results file is written, so torchrun sweeps copy as a single process does."""
+        copies = []
         runs: dict[tuple, list[MemberSpec]] = {}
-        for spec in self.trained:
+        for spec in self.specs:
             runs.setdefault((spec.sparsity, spec.seed), []).append(spec)
-        changed = set()
         for specs in runs.values():
             best, best_loss = None, math.inf
             for spec in sorted(specs, key=lambda s: s.size):
                 loss = evals[spec.id]["train"]["metrics"]["loss"]
                 if best is not None and loss > best_loss:
-                    (i, g), (j, h) = where[spec.id], where[best.id]
-                    self.stacks[i].take_dictionary(g, self.stacks[j], h)
-                    self.copied[spec.id] = (best.size, loss)
-                    changed.add(i)
+                    copies.append((spec, best, loss))
                 elif loss < best_loss:
                     best, best_loss = spec, loss
-        return changed
+        if not copies:
+            return []
+        stacks = []
+        for spec, source, _ in copies:
+            weights[spec.id] = padded_weights(weights[source.id], weights[spec.id])
+            last_fired[spec.id] = np.concatenate([last_fired[source.id],
+                                                  np.zeros(spec.size - source.size, dtype=np.int64)])
+            stacks.append(self._member_stack(spec, weights[spec.id]))
+        evals.update(self._evaluate_members(stacks, [[spec] for spec, _, _ in copies]))
+        for spec, source, loss in copies:
+            dead = evals[spec.id]["test"]["frequency"] <= 0
+            training[spec.id] = dict(training[spec.id], copied_from=source.size, objective_from_scratch=float(loss),
+                                     dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
+                                     dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()))
+        return [spec.id for spec, _, _ in copies]
+
+    def _member_stack(self, spec: MemberSpec, weights: dict[str, np.ndarray]) -> SAE:
+        """A stack of one member holding `weights` (for evaluating a member no training stack holds)."""
+        st = architecture(spec.arch)(self.d, spec.size, [spec.sparsity], [spec.seed], self.config.model)
+        with torch.no_grad():
+            for name in ("encoder", "encoder_bias", "decoder", "decoder_bias"):
+                getattr(st, name)[0] = torch.from_numpy(np.asarray(weights[name]))
+        return st.to(self.device)
 
     def member_weights(self) -> dict[str, dict[str, np.ndarray]]:
         """The trained members' final weights, by member id."""
@@ -439,8 +449,7 @@ class Sweep:
                 self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
                 dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
                 resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec),
-                copied_from=self.copied[spec.id][0] if spec.id in self.copied else None,
-                objective_from_scratch=self.copied[spec.id][1] if spec.id in self.copied else None)
+                copied_from=None, objective_from_scratch=None)  # set by copy_smaller_where_worse
         return records
 
     def write_results(self, evals: dict[str, dict[str, dict]],
@@ -452,6 +461,8 @@ class Sweep:
         weights = self.member_weights() if weights is None else weights
         training = self.training_records(evals) if training is None else training
         last_fired = self.last_fired() if last_fired is None else last_fired
+        if self.config.copy_smaller_when_worse:
+            self.copy_smaller_where_worse(evals, weights, training, last_fired)
         gt = self.store.ground_truth.get("features")
         alive = {sid: e["test"]["frequency"] > 0 for sid, e in evals.items()}
         thresholds = signal_thresholds()
@@ -721,9 +732,8 @@ class Sweep:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _evaluate(self, batches, stacks: list[SAE] | None = None, keep_rows: bool = True) -> list[StackEvaluation]:
-        return evaluate_stacks(self.stacks if stacks is None else stacks, batches, self.scale, self._autocast,
-                               keep_rows)
+    def _evaluate(self, batches, stacks: list[SAE], keep_rows: bool = True) -> list[StackEvaluation]:
+        return evaluate_stacks(stacks, batches, self.scale, self._autocast, keep_rows)
 
     def _eval_stream(self, split: str):
         """The evaluated rows: the whole test split in store order, or a fixed train sample of the same size."""
@@ -737,6 +747,19 @@ class Sweep:
         rows = self.n_test if split == "test" else min(self.n_test, self.n_train)
         return tqdm(stream, total=math.ceil(rows / cfg.batch_size), desc=f"evaluate {split}", unit="batch",
                     disable=not self.progress, leave=False)
+
+
+def padded_weights(smaller: dict[str, np.ndarray], larger: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The larger member's weights replaced by the smaller one's, its extra latents switched off: encoder
+    rows 0 and bias -1 (never firing), decoder rows its own (unit atoms, multiplied by zero codes)."""
+    m = smaller["encoder"].shape[0]
+    out = {name: np.array(larger[name], dtype=np.float32, copy=True) for name in larger}
+    for name in ("encoder", "encoder_bias", "decoder"):
+        out[name][:m] = smaller[name]
+    out["encoder"][m:] = 0.0
+    out["encoder_bias"][m:] = -1.0
+    out["decoder_bias"][:] = smaller["decoder_bias"]
+    return out
 
 
 def held_out_converged(curve: list[list[float]], step: int, window: int, tolerance: float) -> bool:
