@@ -49,7 +49,7 @@ CHECKPOINT_VERSION = 4  # 4: one Adam parameter group per stack (cool-down); 3: 
 STOP_FIXED, STOP_CONVERGED, STOP_MAX = "fixed", "converged", "max_steps"  # why a size stopped training
 # settings a resumed run may change (device_cache: the resumed run keeps the stream its checkpoint used)
 RESUMABLE_CHANGES = ("device", "compile", "prefetch", "device_cache")
-DEVICE_CACHE_SHARE = 0.5  # device_cache=auto: the train split may take this share of the memory left free
+DEVICE_CACHE_SHARE = 0.5  # device_cache=auto: the train split may take this share of the device memory the sweep leaves
 RESAMPLE_ROWS = 8192  # training rows whose reconstruction errors choose where dead latents restart
 
 
@@ -421,10 +421,8 @@ class Sweep:
             stacks.append(self._member_stack(spec, weights[spec.id]))
         evals.update(self._evaluate_members(stacks, [[spec] for spec, _, _ in copies]))
         for spec, source, loss in copies:
-            dead = evals[spec.id]["test"]["frequency"] <= 0
             training[spec.id] = dict(training[spec.id], copied_from=source.size, objective_from_scratch=float(loss),
-                                     dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
-                                     dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()))
+                                     **dead_latents(evals[spec.id]["test"]["frequency"], last_fired[spec.id]))
         return [spec.id for spec, _, _ in copies]
 
     def _member_stack(self, spec: MemberSpec, weights: dict[str, np.ndarray]) -> SAE:
@@ -444,10 +442,8 @@ class Sweep:
         """Per trained member id: how it stopped, its dead latents (never alive / died later), resamplings."""
         last_fired, records = self.last_fired(), {}
         for spec in self.trained:
-            dead = evals[spec.id]["test"]["frequency"] <= 0
             records[spec.id] = dict(
-                self.stop_record(spec), dead_never_alive=int((dead & (last_fired[spec.id] == 0)).sum()),
-                dead_died_later=int((dead & (last_fired[spec.id] > 0)).sum()),
+                self.stop_record(spec), **dead_latents(evals[spec.id]["test"]["frequency"], last_fired[spec.id]),
                 resampled=sum(n for _, i, g, n in self.resampled if self.stack_specs[i][g] == spec),
                 copied_from=None, objective_from_scratch=None)  # set by copy_smaller_where_worse
         return records
@@ -747,6 +743,14 @@ class Sweep:
         rows = self.n_test if split == "test" else min(self.n_test, self.n_train)
         return tqdm(stream, total=math.ceil(rows / cfg.batch_size), desc=f"evaluate {split}", unit="batch",
                     disable=not self.progress, leave=False)
+
+
+def dead_latents(frequency: np.ndarray, last_fired: np.ndarray) -> dict[str, int]:
+    """Of the latents that never fire on the test split, those that never fired in training either and
+    those that did (then died)."""
+    dead = frequency <= 0
+    return dict(dead_never_alive=int((dead & (last_fired == 0)).sum()),
+                dead_died_later=int((dead & (last_fired > 0)).sum()))
 
 
 def padded_weights(smaller: dict[str, np.ndarray], larger: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
