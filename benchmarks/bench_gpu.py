@@ -142,8 +142,8 @@ def sae_rates(store: ActivationStore, args, device: torch.device, tmp: Path, ref
                   f"{sparse * flops / 1e12:8.3f} dense-equivalent TFLOP/s  {sparse / dense:.2f}x dense  "
                   "target >= 1 (the switch should not lose)")
         else:
-            why = (f"L0/m {st.density:.3f} > {st.SPARSE_MAX_DENSITY:.4f}" if arch == "relu-l1"
-                   else f"k {args.k} > m/8")
+            why = (f"L0/m {st.density:.3f} > {st.SPARSE_MAX_DENSITY_BF16:.4f}" if arch == "relu-l1"
+                   else f"k {args.k} > m/{round(1 / st.SPARSE_MAX_FRACTION_BF16)}")
             print(f"   {arch:7s} ({setting}) auto path: dense ({why}), as timed above")
         del sweep, st  # free the device memory before the next
 

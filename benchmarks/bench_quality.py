@@ -46,13 +46,13 @@ from sparsefeat.train import Sweep, SweepConfig
 class Bare:
     """ReLU + L1 SAE in plain PyTorch, the harness's reference maths."""
 
-    def __init__(self, d: int, m: int, l1: float, lr: float, seed: int, unit: bool = False):
+    def __init__(self, d: int, m: int, l1: float, lr: float, seed: int, unit: bool = False, bf16: bool = False):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(m, d, generator=g)
         w = w / w.norm(dim=1, keepdim=True) * 0.1
         self.enc = w.clone().requires_grad_()
         self.dec = (w.t() / (0.1 if unit else 1.0)).contiguous().requires_grad_()
-        self.unit = unit
+        self.unit, self.bf16 = unit, bf16
         self.b_enc = torch.zeros(m, requires_grad=True)
         self.b_dec = torch.zeros(d, requires_grad=True)
         self.opt = torch.optim.Adam([self.enc, self.dec, self.b_enc, self.b_dec], lr=lr)
@@ -63,8 +63,9 @@ class Bare:
         return F.linear(c, self.dec, self.b_dec), c
 
     def step(self, x: torch.Tensor) -> None:
-        x_hat, c = self.forward(x)
-        loss = (x_hat - x).pow(2).sum(-1).mean() + self.l1 * c.sum(-1).mean()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            x_hat, c = self.forward(x)
+        loss = (x_hat.float() - x).pow(2).sum(-1).mean() + self.l1 * c.float().sum(-1).mean()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -83,16 +84,16 @@ class Ours:
     """sparsefeat's trainer step (`Sweep.step_on`) on the caller's batches."""
 
     def __init__(self, data: torch.Tensor, m: int, l1: float, lr: float, seed: int, batch: int, scale: float,
-                 tmp: Path):
+                 tmp: Path, bf16: bool = False):
         cfg = SweepConfig(sizes=[str(m)], arch="relu-l1", l1=[l1], seeds=[seed], lr=lr, batch_size=batch,
                           normalise=False, log_every=10**9, checkpoint_every=0, test_curve_points=0, device="cpu",
-                          model=SAEOptions(pre_bias="none", encoder_scale=scale))
+                          bf16=bf16, model=SAEOptions(pre_bias="none", encoder_scale=scale))
         head = data[: 2 * batch].numpy()
-        path = tmp / f"head-{scale:g}.h5"
+        path = tmp / f"head-{scale:g}-{bf16}.h5"
         with StoreWriter(path, sites={"x": data.shape[1]}, provenance={"bench": "quality"}) as w:
             w.append({"x": head}, test=split_rows(len(head), 0.1, 0))
         with ActivationStore(path) as store:
-            self.sweep = Sweep(store, cfg, tmp / f"unused-{scale:g}.h5", force=True, progress=False)
+            self.sweep = Sweep(store, cfg, tmp / f"unused-{scale:g}-{bf16}.h5", force=True, progress=False)
 
     def step(self, x: torch.Tensor) -> None:
         self.sweep.step_on(x)
@@ -156,7 +157,12 @@ def main() -> None:
     ap.add_argument("--data", default=f"{os.environ.get('TMPDIR', '/tmp')}/peers-data/acts_d384.npy")
     ap.add_argument("--m", type=int, default=1536)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=1000, help="bare's steps; its held-out FVU then is the level")
+    ap.add_argument("--steps", type=int, default=1000, help="the reference's steps; its held-out FVU then is the level")
+    ap.add_argument("--reference", default="bare PyTorch", choices=["bare PyTorch", "bare PyTorch, unit decoder"],
+                    help="the method whose FVU after --steps steps is the level")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also run the unit-decoder bare loop and each sparsefeat scale under bfloat16 autocast "
+                         "(the held-out FVU is always computed in float32)")
     ap.add_argument("--max-factor", type=float, default=3.0, help="others stop at this × --steps at the latest")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--heldout", type=int, default=8192, help="last rows of the data, never trained on")
@@ -183,8 +189,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         methods = {"bare PyTorch": Bare(data.shape[1], args.m, args.l1, args.lr, args.seed),
                    "bare PyTorch, unit decoder": Bare(data.shape[1], args.m, args.l1, args.lr, args.seed, unit=True)}
+        if args.bf16:
+            methods["bare PyTorch, unit decoder, bf16"] = Bare(data.shape[1], args.m, args.l1, args.lr, args.seed,
+                                                               unit=True, bf16=True)
         for s in args.scales:
             methods[f"sparsefeat enc {s:g}"] = Ours(train, args.m, args.l1, args.lr, args.seed, args.batch, s, Path(tmp))
+            if args.bf16:
+                methods[f"sparsefeat enc {s:g}, bf16"] = Ours(train, args.m, args.l1, args.lr, args.seed, args.batch, s,
+                                                              Path(tmp), bf16=True)
     steps = {name: 0 for name in methods}
     seconds = {name: 0.0 for name in methods}
     def point(name, method):
@@ -204,13 +216,13 @@ def main() -> None:
             steps[name] = i + 1
             if steps[name] % args.eval_every == 0 or steps[name] in (args.steps, cap):
                 curves[name].append(point(name, method))
-        if level is None and steps["bare PyTorch"] == args.steps:
-            level = curves["bare PyTorch"][-1][2]
-            active.discard("bare PyTorch")
+        if level is None and steps[args.reference] == args.steps:
+            level = curves[args.reference][-1][2]
+            active.discard(args.reference)
         if level is not None:
             active = {n for n in active if steps[n] < cap and curves[n][-1][2] > level}
 
-    print(f"level: bare PyTorch's held-out FVU after {args.steps} steps = {level:.4f}; "
+    print(f"level: {args.reference}'s held-out FVU after {args.steps} steps = {level:.4f}; "
           f"load {os.getloadavg()[0]:.1f}; matmul ceiling {matmul_gflops(args.batch, data.shape[1], args.m):.0f} "
           f"GFLOP/s (a dense step is 6 such products: {12 * args.batch * data.shape[1] * args.m / 1e9:.2f} GFLOP)")
     reached = {name: crossing(curves[name], level) for name in methods}

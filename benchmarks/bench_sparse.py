@@ -44,10 +44,11 @@ def make(arch: str, m: int, setting: float) -> torch.nn.Module:
     return ReluL1(D, m, [0.05], [0], SAEOptions(pre_bias="none"))
 
 
-def step_time(sae, opt, x: torch.Tensor, kernel: str) -> float:
+def step_time(sae, opt, x: torch.Tensor, kernel: str, bf16: bool = False) -> float:
     sae.kernel = kernel
     t0 = time.perf_counter()
-    total, _ = sae.training_loss(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        total, _ = sae.training_loss(x)
     total.backward()
     sae.after_backward()
     opt.step()
@@ -64,7 +65,8 @@ def bias_for_density(sae, x: torch.Tensor, density: float) -> None:
         sae.encoder_bias.fill_(-float(pre.flatten().kthvalue(int((1 - density) * pre.numel())).values))
 
 
-def compare(arch: str, m: int, setting: float, x: torch.Tensor, reps: int) -> tuple[float, float, float]:
+def compare(arch: str, m: int, setting: float, x: torch.Tensor, reps: int,
+            bf16: bool = False) -> tuple[float, float, float]:
     """(best dense s, best sparse s, measured L0/m) of one training step, dense and sparse interleaved."""
     pair = []
     for _ in range(2):
@@ -76,7 +78,7 @@ def compare(arch: str, m: int, setting: float, x: torch.Tensor, reps: int) -> tu
     best = {"dense": float("inf"), "sparse": float("inf")}
     for r in range(reps + 1):  # the first round warms up
         for kernel, (sae, opt) in zip(("dense", "sparse"), pair):
-            t = step_time(sae, opt, x, kernel)
+            t = step_time(sae, opt, x, kernel, bf16)
             if r:
                 best[kernel] = min(best[kernel], t)
     with torch.no_grad():
@@ -92,11 +94,13 @@ def main() -> None:
     ap.add_argument("--sizes", default="1536,6144")
     ap.add_argument("--ks", default="8,32,128")
     ap.add_argument("--densities", default="0.01,0.03,0.06,0.12,0.25")
+    ap.add_argument("--bf16", action="store_true", help="both paths under bfloat16 autocast (as sweep --bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch, D, generator=torch.Generator().manual_seed(0))
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, d={D}, batch {args.batch}; "
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, d={D}, batch {args.batch}, "
+          f"{'bf16 autocast' if args.bf16 else 'float32'}; "
           f"best of {args.reps} interleaved steps; ratio = dense / sparse time (> 1: sparse faster)")
     for m in sizes:
         gflops, gbs = ceilings(args.batch, m, args.reps)
@@ -104,10 +108,10 @@ def main() -> None:
         print(f"\nm={m}: matmul {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; a dense step's products need "
               f"{dense_flops / 1e9:.1f} GFLOP = {dense_flops / gflops / 1e9 * 1e3:.0f} ms at that rate")
         print(f"  {'arch':8} {'k or L0/m':>10} {'L0/m':>7} {'dense ms':>9} {'sparse ms':>9} {'ratio':>6}")
-        rows = [("topk", float(k)) for k in args.ks.split(",")]
-        rows += [("relu-l1", float(f)) for f in args.densities.split(",")]
+        rows = [("topk", float(k)) for k in args.ks.split(",") if k]
+        rows += [("relu-l1", float(f)) for f in args.densities.split(",") if f]
         for arch, setting in rows:
-            dense, sparse, density = compare(arch, m, setting, x, args.reps)
+            dense, sparse, density = compare(arch, m, setting, x, args.reps, args.bf16)
             label = f"k={int(setting)}" if arch == "topk" else f"{setting:.2f}"
             print(f"  {arch:8} {label:>10} {density:7.3f} {dense * 1e3:9.0f} {sparse * 1e3:9.0f} "
                   f"{dense / sparse:6.2f}", flush=True)

@@ -18,3 +18,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SparsefeatError(f"device {name!r} asked for, but torch sees no CUDA device here")
     return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there a bf16 matmul ran 4.5x
+    the float32 rate (benchmarks/RESULTS.md); elsewhere oneDNN emulates it, slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

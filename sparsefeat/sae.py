@@ -250,14 +250,18 @@ class SAE(torch.nn.Module):
     # not an option, since both give the same numbers to float tolerance (tests/test_sae.py)
     kernel: str = "auto"
 
-    def sparse_pays(self) -> bool:
-        """Whether the sparse training path (kernels.py) is faster here; False where there is none."""
+    def sparse_pays(self, bf16: bool) -> bool:
+        """Whether the sparse training path (kernels.py) is faster here; False where there is none.
+        `bf16`: the step runs under bfloat16 autocast, where the dense matmuls are 2-3x faster and the
+        gathers of the sparse path are not, so it pays only at sparser codes."""
         return False
 
     def use_sparse(self) -> bool:
         if self.kernel == "auto":
             # torch.compile traces the dense path: its graphs do not take sparse COO tensors
-            return self.sparse_pays() and not torch.compiler.is_compiling()
+            device = self.encoder.device.type
+            bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+            return self.sparse_pays(bf16) and not torch.compiler.is_compiling()
         return self.kernel == "sparse"
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,11 +269,20 @@ class SAE(torch.nn.Module):
         if self.use_sparse():
             return self.sparse_training_loss(x)
         pre = self.pre_activations(x)
-        codes = self.activation(pre)
+        codes, penalty = self.codes_and_penalty(pre)
         x_hat = self.decode(codes)
-        nonzero = codes > 0
-        self.note_density(nonzero.sum(), nonzero.numel())
-        return self.objective(x, x_hat, self.penalty(codes), nonzero.any(dim=1), pre, lambda at: at.gather(pre))
+        with torch.no_grad():
+            # the density only picks the path (`sparse_pays`), and a slice of rows tells it: counting all
+            # [G, B, m] codes cast them to int64 first (14 ms of a 155 ms step at B=4096, m=1536)
+            nonzero = codes[:, :512] > 0
+            self.note_density(nonzero.sum(), nonzero.numel())
+            fired = codes.amax(dim=1) > 0  # codes are ≥ 0 in every architecture
+        return self.objective(x, x_hat, penalty, fired, pre, lambda at: at.gather(pre))
+
+    def codes_and_penalty(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense path's codes [G, B, m] and sparsity term [G] from the pre-activations."""
+        codes = self.activation(pre)
+        return codes, self.penalty(codes)
 
     def sparse_training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{self.name} has no sparse training path")
@@ -331,6 +344,28 @@ class SAE(torch.nn.Module):
                 for name in ("encoder", "encoder_bias", "decoder", "decoder_bias")}
 
 
+class ReluWithL1(torch.autograd.Function):
+    """codes = ReLU(pre) [G, B, m] and l1 = Σ_b ‖codes_b‖₁ / B per member [G] (float32) together, so the
+    backward is one pass, g_pre = (g_codes + g_l1 / B) · [pre > 0], where autograd would cast, expand and
+    add the L1 term's gradient in passes of its own (2-4 ms each at B=4096, m=1536 on 2 cores)."""
+
+    @staticmethod
+    def forward(ctx, pre):
+        codes = pre.relu()
+        ctx.save_for_backward(codes)
+        # per-row sums in the codes' dtype, then float32: a float32 sum of bf16 codes casts them all first
+        return codes, codes.sum(-1).float().sum(-1) / pre.shape[1]
+
+    @staticmethod
+    def backward(ctx, g_codes, g_l1):
+        (codes,) = ctx.saved_tensors
+        if g_codes is None:
+            g_codes = torch.zeros_like(codes)
+        if g_l1 is not None:
+            g_codes = g_codes + (g_l1 / codes.shape[1]).to(g_codes.dtype)[:, None, None]
+        return torch.ops.aten.threshold_backward(g_codes, codes, 0)  # zero where codes = 0, i.e. pre ≤ 0
+
+
 class ReluL1(SAE):
     """The report's SAE: c = ReLU(W_e x + b_e), x̂ = W_d c (+ b if `decoder_bias`), untied weights.
 
@@ -363,14 +398,23 @@ class ReluL1(SAE):
             l1 = l1 / self.size
         return self.sparsity * l1
 
-    # Measured (benchmarks/bench_sparse.py, RESULTS.md 2026-12-02): sparse faster up to L0/m = 0.12 at
-    # m=6144 and 0.06 at m=1536, slower from 0.25 (0.12 at m=1536); switch below the smaller
-    SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 16
+    def codes_and_penalty(self, pre):
+        """As `penalty(activation(pre))`, with a backward of one pass over [G, B, m] (`ReluWithL1`)."""
+        codes, l1 = ReluWithL1.apply(pre)
+        if self.options.l1_reduction == "mean":
+            l1 = l1 / self.size
+        return codes, self.sparsity * l1
 
-    def sparse_pays(self):
+    # Measured on 2 quiet CPU cores (benchmarks/bench_sparse.py, d=384, batch 4096; RESULTS.md 2026-12-01
+    # late): float32, the sparse step is 1.2x the dense one at L0/m = 0.12 and 0.8x at 0.18, at m=1536 and
+    # 6144 alike; under bf16 autocast 1.0-1.3x at 0.02 and 0.8-1.1x at 0.03
+    SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 8
+    SPARSE_MAX_DENSITY_BF16: ClassVar[float] = 1 / 48
+
+    def sparse_pays(self, bf16):
         """Sparse once the last batch's codes were sparse enough (L0/m): early in training, with about
         half the latents on, the dense path is faster."""
-        return self.density <= self.SPARSE_MAX_DENSITY
+        return self.density <= (self.SPARSE_MAX_DENSITY_BF16 if bf16 else self.SPARSE_MAX_DENSITY)
 
     def sparse_training_loss(self, x):
         """The training step on the positive codes only, after the dense encoder matmul (kernels.py)."""
@@ -436,13 +480,14 @@ class TopK(SAE):
             values = values * self.rank_mask
         return values, index
 
-    # Measured (benchmarks/bench_sparse.py, 2 shared CPU cores, d=384, batch 4096; RESULTS.md 2026-12-02):
-    # the sparse step was faster at every k/m tried, up to 1/12 (k=128 of m=1536: 1.3x; k/m 1/192: 4.2x);
-    # relu-l1's sparse step (the same kernels) lost from L0/m = 1/4 at m=6144 and from 1/8 at m=1536.
+    # Measured (benchmarks/bench_sparse.py, 2 quiet CPU cores, d=384, batch 4096; RESULTS.md 2026-12-01
+    # late): float32, the sparse step is 1.5x the dense one at k/m = 1/12, 1.2x at 1/8, 1.0x at 1/6; under
+    # bf16 autocast 1.4x at k/m = 1/48 and 1.05x at 1/24 (m=1536; more at m=6144)
     SPARSE_MAX_FRACTION: ClassVar[float] = 1 / 8
+    SPARSE_MAX_FRACTION_BF16: ClassVar[float] = 1 / 32
 
-    def sparse_pays(self):
-        return self.k_max <= self.SPARSE_MAX_FRACTION * self.size
+    def sparse_pays(self, bf16):
+        return self.k_max <= (self.SPARSE_MAX_FRACTION_BF16 if bf16 else self.SPARSE_MAX_FRACTION) * self.size
 
     def sparse_training_loss(self, x):
         """The training step on the kept latents only, after the dense encoder matmul (kernels.py)."""

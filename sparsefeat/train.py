@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .device import resolve_device
+from .device import cpu_has_native_bf16, resolve_device
 from .errors import SparsefeatError
 from .evaluate import StackEvaluation, evaluate_stacks, take_rows
 from .files import OutputError, WriterLock, atomic_path, check_free_space, check_output, human_bytes
@@ -161,8 +161,9 @@ class Sweep:
         self.cooldown = int(config.cooldown_steps) if self.auto else 0
         self.end_step = self.total_steps + self.cooldown
         self.device = resolve_device(config.device)
-        if config.bf16 and self.device.type != "cuda":
-            raise TrainingError(f"{self.out}: --bf16 needs a CUDA device (this run uses {self.device})")
+        if config.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            print(f"warning: {self.out}: --bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): its "
+                  "matmuls are emulated, slower than float32", file=sys.stderr)
         self.label = config.label or f"{Path(store.path).stem}:{self.site}"
         self.memory: MemoryEstimate = memory_estimate(self.trained, self.d, config.batch_size, self.n_test,
                                                       config.sample_rows, latent_shards=self.latent_shards)
@@ -682,7 +683,7 @@ class Sweep:
 
     def _autocast(self):
         if self.config.bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _log(self, pending: list[list[torch.Tensor]], bar) -> None:

@@ -266,3 +266,19 @@ def test_relu_l1_takes_the_sparse_path_once_its_codes_are_sparse():
     assert 0 < sae.density < ReluL1.SPARSE_MAX_DENSITY and sae.use_sparse()
     sae.training_loss(x)  # the sparse path measures the density too
     assert sae.density == pytest.approx(float((sae.encode(x) > 0).float().mean()))
+    # under bf16 autocast the dense matmuls are faster, so the sparse path waits for sparser codes
+    sae.density = (ReluL1.SPARSE_MAX_DENSITY + ReluL1.SPARSE_MAX_DENSITY_BF16) / 2
+    assert sae.use_sparse()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sae.use_sparse()
+        sae.density = ReluL1.SPARSE_MAX_DENSITY_BF16 / 2
+        assert sae.use_sparse()
+
+
+def test_topk_takes_the_sparse_path_at_small_k_over_m():
+    assert TopK(32, 256, [8], [0], SAEOptions()).use_sparse()  # k/m = 1/32
+    assert not TopK(32, 256, [64], [0], SAEOptions()).use_sparse()  # 1/4
+    sae = TopK(32, 512, [32], [0], SAEOptions())  # 1/16: sparse in float32, dense under bf16
+    assert sae.use_sparse()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sae.use_sparse()

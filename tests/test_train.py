@@ -662,6 +662,20 @@ def test_cli_sweep_prints_a_table_or_json_and_refuses_to_overwrite(small_store, 
     assert "no site 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arch", ["relu-l1", "topk"])
+def test_bf16_autocast_on_cpu_trains_as_float32_does(toy_store, tmp_path, arch):
+    # --bf16 on a CPU (fast where it has native bf16; correct on any): the same sweep, losses within a few
+    # percent of float32's, the dictionary as good against the truth
+    cfg = dict(sizes=["32", "64"], arch=arch, l1=[0.6], k=[5], seeds=[0], steps=400, lr=3e-3, device="cpu",
+               test_curve_points=2)
+    fp32 = load_results(train_sweep(toy_store, SweepConfig(**cfg), tmp_path / "fp32.h5", progress=False))
+    bf16 = load_results(train_sweep(toy_store, SweepConfig(bf16=True, **cfg), tmp_path / "bf16.h5", progress=False))
+    assert bf16.config["bf16"] is True and fp32.config["bf16"] is False
+    for a, b in zip(fp32.members, bf16.members):
+        assert b.metrics["test"]["loss"] == pytest.approx(a.metrics["test"]["loss"], rel=0.05)
+        assert b.signals["mmcs_gt"] == pytest.approx(a.signals["mmcs_gt"], abs=0.03)
+
+
 # ---- CUDA (run by benchmarks/gpu_check.sh on a machine with a GPU; skipped elsewhere) ---------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
