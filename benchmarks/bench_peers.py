@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_peers.py --m 1536 --m 6144 [--reps 3] [--steps 50]
         [--peers /work/shared/peers] [--data ACTS.npy] [--only "ref saelens sparsify dictlearn"]
-        [--out results.jsonl] [--encoder-scale 1.0 --encoder-scale 0.1]
+        [--out results.jsonl] [--encoder-scale 1.0 --encoder-scale 0.1] [--bf16]
 
 Runs the harness's `run_all.sh` (each library × architecture a fresh process, repetitions
 interleaved) once per --m, with sparsefeat's row added through EXTRA_JOBS
@@ -10,8 +10,10 @@ interleaved) once per --m, with sparsefeat's row added through EXTRA_JOBS
 each library's median samples/s, its final MSE, its median peak RSS, the ratio of sparsefeat's speed to
 the fastest peer's (the bare PyTorch loop `ref` counts as a peer) and of sparsefeat's peak RSS to the
 leanest peer's. Each --encoder-scale adds one sparsefeat row (`SAEOptions.encoder_scale`, default 1.0
-only), labelled "sparsefeat (enc S)" unless S is the package default; ratios use the default's row. The peers' venvs come from the harness's setup_venvs.sh
-(VENVS, default ${TMPDIR:-/tmp}/peers-venvs); the data from its make_data.py.
+only), labelled "sparsefeat (enc S)" unless S is the package default; ratios use the default's row.
+`--bf16` adds, for each of them, a row trained under bfloat16 autocast ("sparsefeat (bf16)", `sweep --bf16`),
+with its own ratio line: the peers run float32 as the harness has them. The peers' venvs come from the
+harness's setup_venvs.sh (VENVS, default ${TMPDIR:-/tmp}/peers-venvs); the data from its make_data.py.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ NAMES = {"ref-pytorch": "bare PyTorch", "saelens": "SAELens", "sae-lens": "SAELe
          "sparsefeat": "sparsefeat"}
 
 
-def launcher(folder: Path, scale: float) -> Path:
+def launcher(folder: Path, scale: float, bf16: bool) -> Path:
     """run_all.sh starts each job as `PY SCRIPT --flags...` with no room for extra flags, so a job's
-    PY is this two-line script that runs our interpreter and appends --encoder-scale."""
-    path = folder / f"python-enc{scale:g}"
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@" --encoder-scale {scale!r}\n')
+    PY is this two-line script that runs our interpreter and appends --encoder-scale (and --bf16)."""
+    path = folder / f"python-enc{scale:g}{'-bf16' if bf16 else ''}"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@" --encoder-scale {scale!r}{" --bf16" if bf16 else ""}\n')
     path.chmod(0o755)
     return path
 
@@ -47,25 +49,28 @@ def launcher(folder: Path, scale: float) -> Path:
 def run(args, m: int) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(HERE.parent) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    scales = args.encoder_scale or [DEFAULT_SCALE]
+    variants = [(s, bf16) for s in args.encoder_scale or [DEFAULT_SCALE] for bf16 in [False] + [True] * args.bf16]
     # run_all.sh adds EXTRA_JOBS' names to its --only list one per line, which its space-delimited match
     # misses when there are several, so the names go into --only here
-    only = " ".join([args.only] + [job_name(s) for s in scales])
+    only = " ".join([args.only] + [job_name(*v) for v in variants])
     with tempfile.TemporaryDirectory() as tmp:
         env["EXTRA_JOBS"] = ";".join(
-            f"{job_name(s)}|{launcher(Path(tmp), s)}|{HERE / 'bench_peer_sparsefeat.py'}|standard topk"
-            for s in scales)
+            f"{job_name(*v)}|{launcher(Path(tmp), *v)}|{HERE / 'bench_peer_sparsefeat.py'}|standard topk"
+            for v in variants)
         run_all(args, m, env, only)
 
 
-def job_name(scale: float) -> str:
-    return "sparsefeat" if scale == DEFAULT_SCALE else f"sparsefeat-enc{scale:g}"
+def job_name(scale: float, bf16: bool = False) -> str:
+    return "sparsefeat" + ("" if scale == DEFAULT_SCALE else f"-enc{scale:g}") + ("-bf16" if bf16 else "")
 
 
 def label(row: dict) -> str:
     name = NAMES.get(row["lib"], row["lib"])
-    scale = row.get("encoder_scale", DEFAULT_SCALE)
-    return name if name != "sparsefeat" or scale == DEFAULT_SCALE else f"sparsefeat (enc {scale:g})"
+    if name != "sparsefeat":
+        return name
+    scale, bf16 = row.get("encoder_scale", DEFAULT_SCALE), row.get("bf16", False)
+    notes = ([] if scale == DEFAULT_SCALE else [f"enc {scale:g}"]) + (["bf16"] if bf16 else [])
+    return name + (f" ({', '.join(notes)})" if notes else "")
 
 
 def run_all(args, m: int, env: dict, only: str) -> None:
@@ -97,6 +102,9 @@ def table(path: str, stat: str = "median") -> None:
             best = max(peers, key=speed.get)
             print(f"| {m} | {arch} | **sparsefeat / fastest peer ({best})** | | | | | "
                   f"**{speed['sparsefeat'] / speed[best]:.2f}x** |")
+            if "sparsefeat (bf16)" in speed:
+                print(f"| {m} | {arch} | **sparsefeat (bf16) / fastest peer ({best})** | | | | | "
+                      f"**{speed['sparsefeat (bf16)'] / speed[best]:.2f}x** |")
             lean = min(peers, key=rss.get)
             print(f"| {m} | {arch} | **sparsefeat peak RSS / leanest peer's ({lean})** | | | | | "
                   f"**{rss['sparsefeat'] / rss[lean]:.2f}x** |")
@@ -114,6 +122,7 @@ def main() -> None:
     ap.add_argument("--out", default="peers_results.jsonl", help="JSON lines (appended)")
     ap.add_argument("--encoder-scale", type=float, action="append",
                     help="one sparsefeat row per value (repeatable); default: the package default only")
+    ap.add_argument("--bf16", action="store_true", help="also a sparsefeat row under bfloat16 autocast per scale")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out without running")
     ap.add_argument("--stat", choices=("median", "best"), default="median",
                     help="samples/s of a library's repetitions: median, or best (on shared cores load only slows)")

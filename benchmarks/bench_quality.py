@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_quality.py [--data ACTS.npy] [--m 1536] [--steps 1000]
         [--scales 1.0 0.1] [--eval-every 20] [--threads 2] [--out curves.jsonl]
+        [--reference "bare PyTorch, unit decoder"] [--bf16]
     PYTHONPATH=. .venv/bin/python benchmarks/bench_quality.py --quick      # seconds: a smoke run on toy data
 
 Data: the peers harness's activations (/work/shared/peers/make_data.py, [N, d] float32 .npy). The last
@@ -14,13 +15,16 @@ harness's maths and hyper-parameters):
 - bare, unit decoder: the same loop with its atoms (decoder columns) at unit norm from the start and
   renormalised after every step, the constraint sparsefeat keeps (so α prices the same sparsity);
 - sparsefeat at each --scales value: `Sweep.step_on` on the same batches (as bench_peer_sparsefeat.py:
-  normalise off, pre_bias none, `SAEOptions.encoder_scale` = the value).
+  normalise off, pre_bias none, `SAEOptions.encoder_scale` = the value);
+- with `--bf16`, the unit-decoder bare loop and each sparsefeat row again under bfloat16 autocast
+  (`sweep --bf16`); held-out FVU and L0 are always computed in float32.
 
 They step in turn, one step each (so load from other processes hits all alike), in one process. Every
 `--eval-every` steps each method's FVU on the held-out rows (Σ‖x - x̂‖² / Σ‖x - mean‖²) is recorded
 and its held-out L0 (mean non-zero codes per row) against its own cumulative training seconds
-(evaluation not counted): an FVU level at one α compares different trade-offs when the L0s differ. The level is bare's held-out FVU
-after `--steps` steps; a method's time to quality is the training time at which its FVU first reaches
+(evaluation not counted): an FVU level at one α compares different trade-offs when the L0s differ. The level is
+the `--reference` method's held-out FVU after `--steps` steps (default the unconstrained bare loop; the
+unit-decoder loop prices sparsity as sparsefeat does); a method's time to quality is the training time at which its FVU first reaches
 that level (linear between the two evaluations around it). The others run on to `--max-factor` × steps
 if they have not reached it. Printed: steps and seconds to the level, ratio to the fastest.
 """

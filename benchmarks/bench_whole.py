@@ -3,6 +3,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_whole.py [--data ACTS.npy] [--sizes 1536] [--steps 200]
         [--batch 4096] [--reps 3] [--threads 2]
     ... --sizes 0.5x,1x,2x,4x,8x,16x --steps 50      # a 6-size sweep in one pass vs six bare runs in a row
+    ... --bf16                                         # sparsefeat under bf16 autocast (sweep --bf16)
     PYTHONPATH=. .venv/bin/python benchmarks/bench_whole.py --quick     # seconds: a smoke run on toy data
 
 A store (d from the data) is written once from the peers harness's activations (`make_data.py`'s .npy)
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--l1", type=float, default=0.3, help="α for both (sparsefeat's default)")
+    ap.add_argument("--bf16", action="store_true", help="sparsefeat sweep --bf16 (the bare script stays float32)")
     ap.add_argument("--bare", metavar="STORE", help=argparse.SUPPRESS)  # the bare subprocess
     ap.add_argument("--quick", action="store_true", help="smoke run on toy data (d=32, 2 sizes, 20 steps)")
     args = ap.parse_args()
@@ -119,7 +121,7 @@ def main() -> None:
               f"{args.steps} steps, batch {args.batch}, {args.threads} threads, load {os.getloadavg()[0]:.1f}")
         ours_cmd = [sys.executable, "-m", "sparsefeat", "sweep", str(store), "--out", str(Path(tmp) / "sweep.h5"),
                     "--sizes", args.sizes, "--seeds", "0", "--steps", str(args.steps), "--batch-size",
-                    str(args.batch), "--l1", str(args.l1), "--force", "--no-progress"]
+                    str(args.batch), "--l1", str(args.l1), "--force", "--no-progress"] + ["--bf16"] * args.bf16
         bare_cmd = [sys.executable, __file__, "--bare", str(store), "--sizes", args.sizes, "--steps",
                     str(args.steps), "--batch", str(args.batch), "--l1", str(args.l1)]
         print("sparsefeat:", " ".join(ours_cmd[1:]))
