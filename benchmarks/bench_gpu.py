@@ -15,7 +15,8 @@ host-to-device bandwidth (issue 11).
    renormalisation. (relu-l1 needs no gradient of its input x, so its true dense matmul work is
    10·B·d·m; both rows use 12 so that they compare.) Target: the dense path at >= 0.5 of (1).
    The dense path is forced for that row (`kernel = "dense"`); where the trainer's own choice
-   (`kernel = "auto"`, kernels.py: topk with k <= m/8, relu-l1 below L0/m 1/16) takes the sparse path,
+   (`kernel = "auto"`, sae.py: under bf16 autocast topk with k <= m/32, relu-l1 below L0/m 1/48; both
+   thresholds measured on a CPU, not yet on a GPU) takes the sparse path,
    its steps/s are timed separately and shown as a dense-equivalent rate (same 12·B·d·m per step)
    and a speed-up over dense. The line says which path ran.
 3. Store to GPU: pinned host-to-device copy GB/s of one batch (CUDA events), then the rate at which

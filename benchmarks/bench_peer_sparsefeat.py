@@ -32,8 +32,7 @@ def main():
     cfg = SweepConfig(sizes=[str(args.m)], arch="relu-l1" if args.arch == "standard" else "topk", l1=[args.l1],
                       k=[args.k], seeds=[args.seed], lr=args.lr, batch_size=args.batch, normalise=False,
                       log_every=10**9, checkpoint_every=0, test_curve_points=0, device="cpu", bf16=args.bf16,
-                      model=SAEOptions(pre_bias="none", encoder_scale=args.encoder_scale,
-            bf16=args.bf16))
+                      model=SAEOptions(pre_bias="none", encoder_scale=args.encoder_scale))
     with tempfile.TemporaryDirectory() as tmp:
         head = data[: 2 * args.batch].numpy()
         with StoreWriter(Path(tmp) / "head.h5", sites={"x": args.d}, provenance={"bench": "peers"}) as w:

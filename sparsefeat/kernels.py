@@ -16,9 +16,10 @@ of the centred input). With n non-zeros per row all of these but the encoder mat
   gradient by index_add, input gradient by `embedding_bag`.
 
 Both weight gradients group the entries by latent: one stable sort per step, shared (`by_latent`).
-Against `embedding_bag`'s own weight backward and a COO product this took a relu-l1 sparse step at
-L0/m = 0.12 from 138 to ~110 ms (m=1536, 2 cores; RESULTS.md). Values and their gradients stay float32
-under bf16 autocast: the gathers and sparse products are not faster in bf16 on CPU, and slower there.
+Against `embedding_bag`'s own weight backward and a COO product, a relu-l1 sparse step at L0/m = 0.12
+(m=1536, 2 cores) went from 139 to 130 ms in float32 (RESULTS.md, 2026-12-02). Values and their gradients
+stay float32 under bf16 autocast: gathers and sparse products in bf16 were slower on CPU, not faster
+(with both changes that step under autocast went from 177 to 109 ms).
 
 Same numbers as the dense path to float tolerance (tests/test_sae.py); where the sparse path pays is
 measured by benchmarks/bench_sparse.py.

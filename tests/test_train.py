@@ -676,6 +676,15 @@ def test_bf16_autocast_on_cpu_trains_as_float32_does(toy_store, tmp_path, arch):
         assert b.signals["mmcs_gt"] == pytest.approx(a.signals["mmcs_gt"], abs=0.03)
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line(toy_store, tmp_path, monkeypatch, capsys):
+    import sparsefeat.train as train_module
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    train_sweep(toy_store, SweepConfig(sizes=["8"], seeds=[0], steps=5, device="cpu", bf16=True), tmp_path / "r.h5",
+                progress=False)
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "without native bfloat16" in warning[0]
+
+
 # ---- CUDA (run by benchmarks/gpu_check.sh on a machine with a GPU; skipped elsewhere) ---------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
