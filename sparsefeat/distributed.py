@@ -666,6 +666,10 @@ class LatentSliceReluL1(ReluL1):
     def penalty(self, codes):
         return _SumOverRanks.apply(super().penalty(codes))
 
+    def codes_and_penalty(self, pre):  # the training step's fused ReLU + L1: its penalty too is a sum over ranks
+        codes, penalty = super().codes_and_penalty(pre)
+        return codes, _SumOverRanks.apply(penalty)
+
 
 @torch.no_grad()
 def slice_stack(full: ReluL1, w: World) -> LatentSliceReluL1:

@@ -259,16 +259,21 @@ class SAE(torch.nn.Module):
     def use_sparse(self) -> bool:
         if self.kernel == "auto":
             # torch.compile traces the dense path: its graphs do not take sparse COO tensors
-            device = self.encoder.device.type
-            bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
-            return self.sparse_pays(bf16) and not torch.compiler.is_compiling()
+            return self.sparse_pays(self.under_bf16()) and not torch.compiler.is_compiling()
         return self.kernel == "sparse"
+
+    def under_bf16(self) -> bool:
+        device = self.encoder.device.type
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over members of the training loss, to backpropagate; detached objective per member)."""
         if self.use_sparse():
             return self.sparse_training_loss(x)
-        pre = self.pre_activations(x)
+        return self.dense_training_loss(x, self.pre_activations(x))
+
+    def dense_training_loss(self, x: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`training_loss` on the dense path, from the pre-activations (with autograd)."""
         codes, penalty = self.codes_and_penalty(pre)
         x_hat = self.decode(codes)
         with torch.no_grad():
@@ -284,7 +289,8 @@ class SAE(torch.nn.Module):
         codes = self.activation(pre)
         return codes, self.penalty(codes)
 
-    def sparse_training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sparse_training_loss(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`training_loss` on the sparse path; `pre`: the pre-activations if already computed (detached)."""
         raise NotImplementedError(f"{self.name} has no sparse training path")
 
     # fraction of the last training batch's codes that were non-zero: read every step where that costs
@@ -412,14 +418,29 @@ class ReluL1(SAE):
     SPARSE_MAX_DENSITY_BF16: ClassVar[float] = 1 / 48
 
     def sparse_pays(self, bf16):
-        """Sparse once the last batch's codes were sparse enough (L0/m): early in training, with about
-        half the latents on, the dense path is faster."""
+        """Sparse once the codes are sparse enough (L0/m): early in training, with about half the
+        latents on, the dense path is faster."""
         return self.density <= (self.SPARSE_MAX_DENSITY_BF16 if bf16 else self.SPARSE_MAX_DENSITY)
 
-    def sparse_training_loss(self, x):
+    def training_loss(self, x):
+        """On the CPU the path follows this batch's own density, read from the pre-activations both paths
+        start from: the choice is then a function of the weights and the batch, so a resumed run takes
+        every step on the path the uninterrupted run took (and gets its numbers bit for bit). On a GPU
+        reading it would make the host wait, so the density last read at a logging interval decides."""
+        if self.kernel != "auto" or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().training_loss(x)
+        pre = self.pre_activations(x)
+        with torch.no_grad():
+            nonzero = pre[:, :512] > 0  # a slice of rows tells the density (see the dense path)
+            self.note_density(nonzero.sum(), nonzero.numel())
+        if self.sparse_pays(self.under_bf16()):
+            return self.sparse_training_loss(x, pre.detach())
+        return self.dense_training_loss(x, pre)
+
+    def sparse_training_loss(self, x, pre=None):
         """The training step on the positive codes only, after the dense encoder matmul (kernels.py)."""
         with torch.no_grad():
-            pre = self.pre_activations(x)
+            pre = self.pre_activations(x) if pre is None else pre
             codes = SparseCodes.from_mask(pre > 0)
         self.note_density(codes.latents.numel(), pre.numel())
 
@@ -489,7 +510,7 @@ class TopK(SAE):
     def sparse_pays(self, bf16):
         return self.k_max <= (self.SPARSE_MAX_FRACTION_BF16 if bf16 else self.SPARSE_MAX_FRACTION) * self.size
 
-    def sparse_training_loss(self, x):
+    def sparse_training_loss(self, x, pre=None):
         """The training step on the kept latents only, after the dense encoder matmul (kernels.py)."""
         centred = x[None] - self.decoder_bias[:, None, :]
         with torch.no_grad():
