@@ -256,8 +256,17 @@ class SAE(torch.nn.Module):
         gathers of the sparse path are not, so it pays only at sparser codes."""
         return False
 
-    def use_sparse(self) -> bool:
+    # Below this many multiply-adds per member in one product (rows × m × d) a step is made of its fixed
+    # costs, and the sparse path's extra operations lose: on 2 CPU cores, 6 members, batch 256, sparse was
+    # 1.1-1.9x slower at d=32 (m=32..256, B·m·d up to 2.1M), tied at d=384, m=64 (6.3M) and won from
+    # m=128 (12.6M: 1.4x) (RESULTS.md, 2026-12-02)
+    SPARSE_MIN_WORK: ClassVar[int] = 2**23
+
+    def use_sparse(self, rows: int | None = None) -> bool:
+        """Whether `training_loss` takes the sparse path (on a batch of `rows` rows, if given)."""
         if self.kernel == "auto":
+            if rows is not None and rows * self.size * self.d < self.SPARSE_MIN_WORK:
+                return False
             # torch.compile traces the dense path: its graphs do not take sparse COO tensors
             return self.sparse_pays(self.under_bf16()) and not torch.compiler.is_compiling()
         return self.kernel == "sparse"
@@ -268,7 +277,7 @@ class SAE(torch.nn.Module):
 
     def training_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over members of the training loss, to backpropagate; detached objective per member)."""
-        if self.use_sparse():
+        if self.use_sparse(x.shape[0]):
             return self.sparse_training_loss(x)
         return self.dense_training_loss(x, self.pre_activations(x))
 
@@ -427,7 +436,8 @@ class ReluL1(SAE):
         start from: the choice is then a function of the weights and the batch, so a resumed run takes
         every step on the path the uninterrupted run took (and gets its numbers bit for bit). On a GPU
         reading it would make the host wait, so the density last read at a logging interval decides."""
-        if self.kernel != "auto" or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if (self.kernel != "auto" or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or x.shape[0] * self.size * self.d < self.SPARSE_MIN_WORK):
             return super().training_loss(x)
         pre = self.pre_activations(x)
         with torch.no_grad():

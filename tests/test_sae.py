@@ -282,3 +282,19 @@ def test_topk_takes_the_sparse_path_at_small_k_over_m():
     assert sae.use_sparse()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not sae.use_sparse()
+
+
+def test_steps_too_small_for_the_sparse_path_stay_dense(monkeypatch):
+    # B·m·d under SPARSE_MIN_WORK: the sparse path's fixed costs lose (RESULTS.md), whatever the density
+    small = ReluL1(32, 64, [0.1], [0], SAEOptions())
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        small.encoder_bias.fill_(-2.5)  # almost every code zero
+    small.density = 0.01
+    assert small.use_sparse() and not small.use_sparse(rows=256)  # 256 · 64 · 32 = 0.5M
+    big = ReluL1(64, 1024, [0.1], [0], SAEOptions())
+    big.density = 0.01
+    assert big.use_sparse(rows=256)  # 256 · 1024 · 64 = 16.8M
+    monkeypatch.setattr(ReluL1, "sparse_training_loss", lambda *a: pytest.fail("took the sparse path"))
+    small.training_loss(x)
+    assert small.density < ReluL1.SPARSE_MAX_DENSITY_BF16  # measured, yet dense
