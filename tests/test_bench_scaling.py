@@ -64,9 +64,13 @@ def test_quick_run_prints_three_exponents():
     assert [label for label, _ in lines] == ["step time vs m", "sweep time vs members", "stream time vs rows"]
     # the memory table: a row per store; streaming touches every page of the file through its map, so the
     # file-backed growth is at least the file, while the process's own (anonymous) memory stays small
-    table = re.compile(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+\d+\s+[\d.]*\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", re.M)
+    table = re.compile(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+\d+\s+[\d.]*\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)\s+([\d.]+)$",
+                       re.M)
     rows = [[float(v) for v in r] for r in table.findall(out.stdout)]
     assert [r[0] for r in rows] == [4000, 8000, 16000]
-    n, file_mb, total, anon, file_backed = rows[-1]
-    assert file_backed >= 0.9 * file_mb and total >= file_backed
+    n, file_mb, total, anon, anon_low, file_backed = rows[-1]
+    # the peak holds the file-backed peak, less what anonymous memory fell below its start; 0.1 MB for the
+    # printed rounding (a CI run had total 6.8 MB under file-backed 6.9 when the total was the kernel's
+    # lazily updated high-water mark alone)
+    assert anon_low <= 0 and file_backed >= 0.9 * file_mb and total >= file_backed + anon_low - 0.1
     assert anon < 0.5 * file_mb
