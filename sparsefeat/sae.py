@@ -265,11 +265,14 @@ class SAE(torch.nn.Module):
     def use_sparse(self, rows: int | None = None) -> bool:
         """Whether `training_loss` takes the sparse path (on a batch of `rows` rows, if given)."""
         if self.kernel == "auto":
-            if rows is not None and rows * self.size * self.d < self.SPARSE_MIN_WORK:
+            if rows is not None and self.too_small_for_sparse(rows):
                 return False
             # torch.compile traces the dense path: its graphs do not take sparse COO tensors
             return self.sparse_pays(self.under_bf16()) and not torch.compiler.is_compiling()
         return self.kernel == "sparse"
+
+    def too_small_for_sparse(self, rows: int) -> bool:
+        return rows * self.size * self.d < self.SPARSE_MIN_WORK
 
     def under_bf16(self) -> bool:
         device = self.encoder.device.type
@@ -437,7 +440,7 @@ class ReluL1(SAE):
         every step on the path the uninterrupted run took (and gets its numbers bit for bit). On a GPU
         reading it would make the host wait, so the density last read at a logging interval decides."""
         if (self.kernel != "auto" or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or x.shape[0] * self.size * self.d < self.SPARSE_MIN_WORK):
+                or self.too_small_for_sparse(x.shape[0])):
             return super().training_loss(x)
         pre = self.pre_activations(x)
         with torch.no_grad():
