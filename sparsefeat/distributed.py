@@ -55,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError, SparsefeatError
 from .files import WriterLock, check_output
+from .products import stacked_linear
 from .sae import ReluL1
 from .train import Sweep
 
@@ -661,7 +662,7 @@ class LatentSliceReluL1(ReluL1):
     kernel = "dense"
 
     def decode(self, codes):
-        return _SumOverRanks.apply(torch.bmm(codes, self.decoder)) + self.decoder_bias[:, None, :]
+        return _SumOverRanks.apply(stacked_linear(codes, self.decoder, transposed=True)) + self.decoder_bias[:, None, :]
 
     def penalty(self, codes):
         return _SumOverRanks.apply(super().penalty(codes))

@@ -8,8 +8,9 @@ sweep that differ only in sparsity or seed). Every parameter has a leading membe
 Stacking only batches independent computations: member g's numbers are computed with the same
 operations whether it trains in a stack of one or of twenty (on CPU the results were bit-identical in
 every case we measured; the tests check them to float tolerance), and its loss gradient touches only
-its own slice. One big matmul or
-`bmm` per step instead of G small ones is what makes a sweep of small dictionaries fast.
+its own slice. One `bmm` per product per step instead of G small ones is what makes a sweep of small
+dictionaries fast; large float32 products on the CPU run one oneDNN call per member instead, 1.5-2.3x
+faster than the BLAS `bmm` (products.py).
 
 Conventions, for every architecture:
 - Inputs are in normalised units (the trainer scales them; see train.py).
@@ -33,6 +34,7 @@ import torch
 
 from .errors import ConfigError
 from .kernels import SparseCodes, gather_linear, sparse_decode
+from .products import stacked_linear
 
 ARCHITECTURES: dict[str, type["SAE"]] = {}
 
@@ -204,12 +206,11 @@ class SAE(torch.nn.Module):
     # -- the model -------------------------------------------------------------------------------
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> [G, B, m]: W_e x + b_e for every member, in one batched matmul.
+        """[B, d] -> [G, B, m]: W_e x + b_e for every member (products.py).
 
         (One [B, d] x [d, G·m] matmul is no faster on CPU, and its rounding depends on G for small m;
-        `bmm` computes each member's slice exactly as a stack of one would.)"""
-        G = self.encoder.shape[0]
-        return torch.baddbmm(self.encoder_bias[:, None, :], x.expand(G, -1, -1), self.encoder.transpose(1, 2))
+        a per-member product computes each member's slice exactly as a stack of one would.)"""
+        return stacked_linear(x, self.encoder, self.encoder_bias)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """[G, B, m] pre-activations -> codes."""
@@ -220,7 +221,7 @@ class SAE(torch.nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """[G, B, m] -> [G, B, d]: x̂ = W_d c + b."""
-        return torch.baddbmm(self.decoder_bias[:, None, :], codes, self.decoder)
+        return stacked_linear(codes, self.decoder, self.decoder_bias, transposed=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes = self.encode(x)
@@ -423,10 +424,11 @@ class ReluL1(SAE):
             l1 = l1 / self.size
         return codes, self.sparsity * l1
 
-    # Measured on 2 quiet CPU cores (benchmarks/bench_sparse.py, d=384, batch 4096; RESULTS.md 2026-12-01
-    # late): float32, the sparse step is 1.2x the dense one at L0/m = 0.12 and 0.8x at 0.18, at m=1536 and
-    # 6144 alike; under bf16 autocast 1.0-1.3x at 0.02 and 0.8-1.1x at 0.03
-    SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 8
+    # Measured on 2 quiet CPU cores (benchmarks/bench_sparse.py, d=384, batch 4096; RESULTS.md 2026-12-02):
+    # float32, with the dense products on oneDNN (products.py), the sparse step is 1.2-1.4x the dense one
+    # at L0/m = 0.06 and 0.9-1.1x at 0.09 (m=1536, 6144); under bf16 autocast (2026-12-01 late) 1.0-1.3x
+    # at 0.02 and 0.8-1.1x at 0.03
+    SPARSE_MAX_DENSITY: ClassVar[float] = 1 / 12
     SPARSE_MAX_DENSITY_BF16: ClassVar[float] = 1 / 48
 
     def sparse_pays(self, bf16):
@@ -499,7 +501,7 @@ class TopK(SAE):
 
     def pre_activations(self, x):
         centred = x[None] - self.decoder_bias[:, None, :]
-        return torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
+        return stacked_linear(centred, self.encoder, self.encoder_bias)
 
     def activation(self, pre):
         values, index = self.top_latents(pre.relu())
@@ -514,10 +516,11 @@ class TopK(SAE):
             values = values * self.rank_mask
         return values, index
 
-    # Measured (benchmarks/bench_sparse.py, 2 quiet CPU cores, d=384, batch 4096; RESULTS.md 2026-12-01
-    # late): float32, the sparse step is 1.5x the dense one at k/m = 1/12, 1.2x at 1/8, 1.0x at 1/6; under
-    # bf16 autocast 1.4x at k/m = 1/48 and 1.05x at 1/24 (m=1536; more at m=6144)
-    SPARSE_MAX_FRACTION: ClassVar[float] = 1 / 8
+    # Measured (benchmarks/bench_sparse.py, 2 quiet CPU cores, d=384, batch 4096; RESULTS.md 2026-12-02):
+    # float32, with the dense products on oneDNN (products.py), the sparse step is 1.3x the dense one at
+    # k/m = 1/12 and 0.95x at 1/8 (m=1536; at m=6144 2x at k/m = 1/24); under bf16 autocast (2026-12-01
+    # late) 1.4x at k/m = 1/48 and 1.05x at 1/24 (m=1536; more at m=6144)
+    SPARSE_MAX_FRACTION: ClassVar[float] = 1 / 10
     SPARSE_MAX_FRACTION_BF16: ClassVar[float] = 1 / 32
 
     def sparse_pays(self, bf16):
@@ -527,7 +530,7 @@ class TopK(SAE):
         """The training step on the kept latents only, after the dense encoder matmul (kernels.py)."""
         centred = x[None] - self.decoder_bias[:, None, :]
         with torch.no_grad():
-            pre = torch.baddbmm(self.encoder_bias[:, None, :], centred, self.encoder.transpose(1, 2))
+            pre = stacked_linear(centred, self.encoder, self.encoder_bias)
             codes = SparseCodes.from_top(self.top_latents(pre.relu())[1], self.size)
 
         def pick(at):
