@@ -27,9 +27,15 @@ def main():
     ap.add_argument("--encoder-scale", type=float, default=SAEOptions.encoder_scale,
                     help="SAEOptions.encoder_scale: initial encoder = decoderᵀ × this (default %(default)s)")
     ap.add_argument("--bf16", action="store_true", help="SweepConfig.bf16: bfloat16 autocast for the matmuls")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated dictionary sizes trained together in one sweep (--m is then ignored; "
+                         "final_mse is the largest's): benchmarks/bench_peers_sizes.py")
     args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    if sizes:
+        args.m = max(sizes)
     data = bc.setup(args)
-    cfg = SweepConfig(sizes=[str(args.m)], arch="relu-l1" if args.arch == "standard" else "topk", l1=[args.l1],
+    cfg = SweepConfig(sizes=[str(m) for m in sizes or [args.m]], arch="relu-l1" if args.arch == "standard" else "topk", l1=[args.l1],
                       k=[args.k], seeds=[args.seed], lr=args.lr, batch_size=args.batch, normalise=False,
                       log_every=10**9, checkpoint_every=0, test_curve_points=0, device="cpu", bf16=args.bf16,
                       model=SAEOptions(pre_bias="none", encoder_scale=args.encoder_scale))
@@ -40,12 +46,12 @@ def main():
         with ActivationStore(Path(tmp) / "head.h5") as store:
             sweep = Sweep(store, cfg, Path(tmp) / "unused.h5", force=True, progress=False)
     secs = bc.run_loop(lambda i, x: sweep.step_on(x), data, args)
-    sae = sweep.stacks[0]
+    sae = max(sweep.stacks, key=lambda stack: stack.size)
     mse = bc.eval_mse(lambda x: sae(x)[0][0], data, args.eval_rows)
     bc.emit(args, "sparsefeat", args.arch, secs, mse, lib_version=__version__,
             api="Sweep(store, SweepConfig); Sweep.step_on(batch)",
             k=args.k if args.arch == "topk" else None, encoder_scale=args.encoder_scale,
-            bf16=args.bf16)
+            bf16=args.bf16, sizes=sizes)
 
 
 if __name__ == "__main__":

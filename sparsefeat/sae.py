@@ -380,9 +380,12 @@ class ReluWithL1(torch.autograd.Function):
         (codes,) = ctx.saved_tensors
         if g_codes is None:
             g_codes = torch.zeros_like(codes)
-        if g_l1 is not None:
-            g_codes = g_codes + (g_l1 / codes.shape[1]).to(g_codes.dtype)[:, None, None]
-        return torch.ops.aten.threshold_backward(g_codes, codes, 0)  # zero where codes = 0, i.e. pre ≤ 0
+        if g_l1 is None:
+            return torch.ops.aten.threshold_backward(g_codes, codes, 0)  # zero where codes = 0, i.e. pre ≤ 0
+        # the sum is a new tensor of our own, so the mask goes on in place: one [G, B, m] temporary, not
+        # two (at m=6144, batch 4096, 100 MB less at the step's peak)
+        g_pre = g_codes + (g_l1 / codes.shape[1]).to(g_codes.dtype)[:, None, None]
+        return torch.ops.aten.threshold_backward.grad_input(g_pre, codes, 0, grad_input=g_pre)
 
 
 class ReluL1(SAE):
