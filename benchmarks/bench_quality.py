@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparsefeat import products
 from sparsefeat.sae import SAEOptions
 from sparsefeat.store import ActivationStore, StoreWriter, split_rows
 from sparsefeat.train import Sweep, SweepConfig
@@ -136,13 +137,14 @@ def crossing(curve: list[tuple[int, float, float]], level: float) -> tuple[float
     return None
 
 
-def matmul_gflops(b: int, d: int, m: int, reps: int = 10) -> float:
-    """The measured ceiling: GFLOP/s of the step's encoder product [b, d] × [d, m], best of `reps`."""
+def matmul_gflops(b: int, d: int, m: int, reps: int = 10, product=F.linear) -> float:
+    """The measured ceiling: GFLOP/s of the step's encoder product [b, d] × [d, m], best of `reps`
+    (`product`: torch's own, which the bare loops use, or sparsefeat's oneDNN one, products.py)."""
     x, w = torch.randn(b, d), torch.randn(m, d)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        F.linear(x, w)
+        product(x, w)
         best = min(best, time.perf_counter() - t0)
     return 2 * b * d * m / best / 1e9
 
@@ -228,7 +230,10 @@ def main() -> None:
 
     print(f"level: {args.reference}'s held-out FVU after {args.steps} steps = {level:.4f}; "
           f"load {os.getloadavg()[0]:.1f}; matmul ceiling {matmul_gflops(args.batch, data.shape[1], args.m):.0f} "
-          f"GFLOP/s (a dense step is 6 such products: {12 * args.batch * data.shape[1] * args.m / 1e9:.2f} GFLOP)")
+          f"GFLOP/s with torch's BLAS"
+          + (f", {matmul_gflops(args.batch, data.shape[1], args.m, product=products._onednn):.0f} with oneDNN (products.py)"
+             if products.ONEDNN else "")
+          + f" (a dense step is 6 such products: {12 * args.batch * data.shape[1] * args.m / 1e9:.2f} GFLOP)")
     reached = {name: crossing(curves[name], level) for name in methods}
     best = min(r[1] for r in reached.values() if r)
     print("| method | steps to level | s to level | vs fastest | ms/step | FVU at 1/4, 1/2, 1× steps | last FVU | "

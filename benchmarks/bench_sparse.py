@@ -18,24 +18,30 @@ import time
 
 import torch
 
+from sparsefeat import products
 from sparsefeat.sae import ReluL1, SAEOptions, TopK
 
 D = 384
 
 
-def ceilings(batch: int, m: int, reps: int) -> tuple[float, float]:
-    """(GFLOP/s of a [B, d] × [d, m] matmul, GB/s of a 256 MB copy), best of reps."""
+def ceilings(batch: int, m: int, reps: int) -> tuple[float, float, float]:
+    """(GFLOP/s of a [B, d] × [d, m] matmul with torch's BLAS, the same with oneDNN as the dense path runs
+    it (products.py; the BLAS rate where there is none), GB/s of a 256 MB copy), best of reps."""
     a, w = torch.randn(batch, D), torch.randn(m, D)
     src, dst = torch.empty(64 * 2**20), torch.empty(64 * 2**20)
-    t_mm = t_cp = float("inf")
+    onednn = products._onednn if products.ONEDNN else (lambda x, y: x @ y.t())
+    t_mm = t_dnn = t_cp = float("inf")
     for _ in range(reps + 1):
         t0 = time.perf_counter()
         a @ w.t()
         t1 = time.perf_counter()
-        dst.copy_(src)
+        onednn(a, w)
         t2 = time.perf_counter()
-        t_mm, t_cp = min(t_mm, t1 - t0), min(t_cp, t2 - t1)
-    return 2 * batch * m * D / t_mm / 1e9, 2 * src.numel() * 4 / t_cp / 1e9  # copy: read + write
+        dst.copy_(src)
+        t3 = time.perf_counter()
+        t_mm, t_dnn, t_cp = min(t_mm, t1 - t0), min(t_dnn, t2 - t1), min(t_cp, t3 - t2)
+    flop = 2 * batch * m * D
+    return flop / t_mm / 1e9, flop / t_dnn / 1e9, 2 * src.numel() * 4 / t_cp / 1e9  # copy: read + write
 
 
 def make(arch: str, m: int, setting: float) -> torch.nn.Module:
@@ -103,10 +109,11 @@ def main() -> None:
           f"{'bf16 autocast' if args.bf16 else 'float32'}; "
           f"best of {args.reps} interleaved steps; ratio = dense / sparse time (> 1: sparse faster)")
     for m in sizes:
-        gflops, gbs = ceilings(args.batch, m, args.reps)
+        blas, gflops, gbs = ceilings(args.batch, m, args.reps)
         dense_flops = 6 * 2 * args.batch * m * D  # six [B, m] x [m, d]-sized products per dense step
-        print(f"\nm={m}: matmul {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; a dense step's products need "
-              f"{dense_flops / 1e9:.1f} GFLOP = {dense_flops / gflops / 1e9 * 1e3:.0f} ms at that rate")
+        print(f"\nm={m}: matmul {blas:.0f} GFLOP/s with torch's BLAS, {gflops:.0f} as the dense path runs it "
+              f"(products.py), copy {gbs:.1f} GB/s; a dense step's products need {dense_flops / 1e9:.1f} GFLOP = "
+              f"{dense_flops / gflops / 1e9 * 1e3:.0f} ms at the second rate")
         print(f"  {'arch':8} {'k or L0/m':>10} {'L0/m':>7} {'dense ms':>9} {'sparse ms':>9} {'ratio':>6}")
         rows = [("topk", float(k)) for k in args.ks.split(",") if k]
         rows += [("relu-l1", float(f)) for f in args.densities.split(",") if f]
