@@ -3,9 +3,9 @@
 On the CPU, `torch.baddbmm` and autograd's float32 products run on the BLAS torch links (MKL). On this
 project's AMD EPYC (Zen 5) MKL's sgemm ran at 145-190 GFLOP/s on 2 cores while oneDNN's float32
 matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel torch's own inductor uses for linear layers)
-ran the same shapes at 400-440, with float32 accuracy (max relative error 1e-6 against float64, as
-MKL's 5e-7): every one of a step's five products ([4096, 384] × [384, 1536] and the backward shapes)
-took 12-18 ms instead of 27 (RESULTS.md, 2026-12-02). `stacked_linear` runs those products, forward
+ran the same shapes at 250-440, with float32 accuracy (max relative error 1e-6 against float64, as
+MKL's 5e-7): each of a step's five products ([4096, 384] × [384, 1536] and the backward shapes) took
+11-18 ms instead of 26-32 (RESULTS.md, 2026-12-02). `stacked_linear` runs those products, forward
 and backward, one oneDNN call per member, where that applies (`use_onednn`); elsewhere (CUDA, bf16
 autocast, which already runs oneDNN's bf16 kernels, torch.compile, products too small to gain) it is
 one `baddbmm`, as before. One call per member also keeps each member's numbers independent of the
