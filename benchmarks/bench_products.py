@@ -25,9 +25,9 @@ from sparsefeat import products
 from sparsefeat.sae import ReluL1, SAEOptions, TopK
 
 try:
-    from bench_sparse import step_time
+    from bench_sparse import bias_for_density, step_time
 except ImportError:  # run as benchmarks/bench_products.py from the root
-    from benchmarks.bench_sparse import step_time
+    from benchmarks.bench_sparse import bias_for_density, step_time
 
 
 def best_of(fns: dict, reps: int) -> dict:
@@ -71,14 +71,6 @@ def make(arch, d, m, members):
     if arch == "topk":
         return TopK(d, m, [32] * members, seeds, SAEOptions(pre_bias="none"))
     return ReluL1(d, m, [0.05] * members, seeds, SAEOptions(pre_bias="none"))
-
-
-@torch.no_grad()
-def bias_for_density(sae, x: torch.Tensor, density: float) -> None:
-    """Set each member's encoder bias to the value that leaves `density` of its codes positive on x."""
-    sae.encoder_bias.zero_()
-    pre = sae.pre_activations(x).flatten(1)
-    sae.encoder_bias.copy_(-pre.kthvalue(int((1 - density) * pre.shape[1]), dim=1).values[:, None])
 
 
 def steps_table(cases, reps: int) -> None:

@@ -63,12 +63,12 @@ def step_time(sae, opt, x: torch.Tensor, kernel: str, bf16: bool = False) -> flo
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
 def bias_for_density(sae, x: torch.Tensor, density: float) -> None:
-    """Set every encoder bias to the value that leaves `density` of the codes positive on x."""
-    with torch.no_grad():
-        pre = torch.baddbmm(torch.zeros_like(sae.encoder_bias)[:, None, :], x.expand(1, -1, -1),
-                            sae.encoder.transpose(1, 2))
-        sae.encoder_bias.fill_(-float(pre.flatten().kthvalue(int((1 - density) * pre.numel())).values))
+    """Set each member's encoder bias to the value that leaves `density` of its codes positive on x."""
+    sae.encoder_bias.zero_()
+    pre = sae.pre_activations(x).flatten(1)
+    sae.encoder_bias.copy_(-pre.kthvalue(int((1 - density) * pre.shape[1]), dim=1).values[:, None])
 
 
 def compare(arch: str, m: int, setting: float, x: torch.Tensor, reps: int,

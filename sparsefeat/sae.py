@@ -533,7 +533,7 @@ class TopK(SAE):
         """The training step on the kept latents only, after the dense encoder matmul (kernels.py)."""
         centred = x[None] - self.decoder_bias[:, None, :]
         with torch.no_grad():
-            pre = stacked_linear(centred, self.encoder, self.encoder_bias)
+            pre = stacked_linear(centred, self.encoder, self.encoder_bias) if pre is None else pre
             codes = SparseCodes.from_top(self.top_latents(pre.relu())[1], self.size)
 
         def pick(at):
